@@ -1,0 +1,369 @@
+"""The callback that attaches to an Opacus ``DPOptimizer`` and logs per-sample gradient norms."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import weakref
+from types import TracebackType
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from torch.utils.tensorboard import SummaryWriter
+
+from .capture import clip_and_accumulate_keeping_norms, flat_norms, supports_fast_clip
+from .record import GradNormRecord
+from .stats import bucket_limits, clipped_norms
+from .synthetic import sample_gradient_norms
+from .tensorboard import write_record
+
+logger = logging.getLogger(__name__)
+
+Fallback = Literal["synthetic", "raise"]
+_FALLBACKS = ("synthetic", "raise")
+
+# The optimizers that a callback is attached to, so that a second callback is rejected.
+_ATTACHED: weakref.WeakKeyDictionary[DPOptimizer, GradNormCallback] = weakref.WeakKeyDictionary()
+
+# The optimizer methods the callback replaces with instance attributes while attached.
+_PATCHED = ("pre_step", "clip_and_accumulate")
+
+
+class MissingPerSampleGradientsError(RuntimeError):
+    """Raised with ``fallback="raise"`` when a logged step has no per-sample gradient norms."""
+
+
+class GradNormCallback:
+    """Log the per-sample gradient norms that Opacus clips to TensorBoard.
+
+    At every logged step the callback writes histograms of the norms before and after
+    clipping, and scalars of the clipped fraction, norm quantiles, the bound C and the sample
+    count. It observes only: training with and without it is bitwise identical.
+
+    Args:
+        writer: A ``SummaryWriter`` to write to, or a log directory, in which case the
+            callback creates its own writer and closes it on :meth:`close`.
+        log_every: Number of logical steps between logged steps; step 0 is always logged.
+        tag_prefix: Prefix of every TensorBoard tag.
+        dry_run: If True, never read per-sample gradients and log synthetic norms (for the
+            optimizer's C and the step's sample count) under ``<prefix>/synthetic/...``.
+        fallback: What to do at a logged step without per-sample gradients: ``"synthetic"``
+            logs synthetic norms under ``<prefix>/synthetic/...`` and warns once,
+            ``"raise"`` raises :class:`MissingPerSampleGradientsError`.
+        seed: Seed of the synthetic norms. The callback never uses global random state.
+
+    Raises:
+        TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path.
+        ValueError: If an option is out of range.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from opacus.optimizers import DPOptimizer
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        >>> with GradNormCallback(tempfile.mkdtemp(), log_every=10) as callback:
+        ...     _ = callback.attach(optimizer)
+    """
+
+    def __init__(
+        self,
+        writer: SummaryWriter | str | os.PathLike[str],
+        *,
+        log_every: int = 1,
+        tag_prefix: str = "grad_norm",
+        dry_run: bool = False,
+        fallback: Fallback = "synthetic",
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+        if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
+            raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
+        if not isinstance(dry_run, bool):
+            raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+
+        if isinstance(writer, SummaryWriter):
+            self._writer: SummaryWriter | None = writer
+            self._owns_writer = False
+        elif isinstance(writer, (str, os.PathLike)):
+            self._writer = SummaryWriter(log_dir=os.fspath(writer))
+            self._owns_writer = True
+        else:
+            raise TypeError(
+                "writer must be a torch.utils.tensorboard.SummaryWriter or a log directory "
+                f"path, got {type(writer).__name__}"
+            )
+
+        self.log_every = log_every
+        self.tag_prefix = tag_prefix.strip("/")
+        self.dry_run = dry_run
+        self.fallback = fallback
+        self.last_record: GradNormRecord | None = None
+        self.write_failures = 0
+
+        self._rng = np.random.default_rng(seed)
+        self._optimizer: DPOptimizer | None = None
+        self._saved: dict[str, Any] = {}
+        self._limits: np.ndarray | None = None
+        self._step = 0
+        self._closed = False
+        self._warned_fallback = False
+        self._reset_step_state()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self, optimizer: DPOptimizer) -> GradNormCallback:
+        """Start observing ``optimizer``, the ``DPOptimizer`` that ``make_private`` returned.
+
+        The optimizer's ``pre_step`` and ``clip_and_accumulate`` are wrapped by instance
+        attributes, which :meth:`detach` removes again. The step hook (the privacy
+        accountant) is left alone.
+
+        Returns:
+            The callback itself, so that ``callback = GradNormCallback(...).attach(opt)``.
+
+        Raises:
+            TypeError: If ``optimizer`` is not an Opacus ``DPOptimizer``.
+            RuntimeError: If this callback is attached or closed, or another callback is
+                attached to ``optimizer``.
+        """
+        self._check_open()
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(
+                "attach() expects the opacus.optimizers.DPOptimizer returned by "
+                f"PrivacyEngine.make_private, got {type(optimizer).__module__}."
+                f"{type(optimizer).__qualname__}"
+            )
+        if self._optimizer is not None:
+            raise RuntimeError("this GradNormCallback is already attached; call detach() first")
+        if optimizer in _ATTACHED:
+            raise RuntimeError(
+                "another GradNormCallback is attached to this optimizer; detach it first "
+                "or log both views from one callback"
+            )
+
+        self._limits = bucket_limits(float(optimizer.max_grad_norm))
+        fast_clip = not self.dry_run and supports_fast_clip(optimizer)
+        original_pre_step = optimizer.pre_step
+        original_clip = optimizer.clip_and_accumulate
+        self._saved = {name: optimizer.__dict__.get(name, _MISSING) for name in _PATCHED}
+
+        def pre_step(*args: Any, **kwargs: Any) -> Any:
+            return self._on_pre_step(optimizer, original_pre_step, *args, **kwargs)
+
+        def clip_and_accumulate() -> Any:
+            return self._on_clip_and_accumulate(optimizer, original_clip, fast_clip)
+
+        optimizer.pre_step = pre_step  # type: ignore[method-assign]
+        optimizer.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
+        self._optimizer = optimizer
+        _ATTACHED[optimizer] = self
+        return self
+
+    def detach(self) -> None:
+        """Stop observing and restore the optimizer exactly as it was; a no-op if detached."""
+        optimizer = self._optimizer
+        if optimizer is None:
+            return
+        for name, value in self._saved.items():
+            if value is _MISSING:
+                optimizer.__dict__.pop(name, None)
+            else:
+                optimizer.__dict__[name] = value
+        _ATTACHED.pop(optimizer, None)
+        self._optimizer = None
+        self._saved = {}
+        self._reset_step_state()
+
+    def flush(self) -> None:
+        """Write everything logged so far to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Detach, flush, and close the writer if the callback created it. Idempotent."""
+        if self._closed:
+            return
+        self.detach()
+        self.flush()
+        if self._owns_writer and self._writer is not None:
+            self._writer.close()
+        self._closed = True
+
+    def __enter__(self) -> GradNormCallback:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the callback is attached to an optimizer."""
+        return self._optimizer is not None
+
+    @property
+    def step(self) -> int:
+        """Number of logical steps observed so far, which is also the index of the next one."""
+        return self._step
+
+    # ------------------------------------------------------------------ optimizer events
+
+    def _on_pre_step(
+        self, optimizer: DPOptimizer, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run Opacus's ``pre_step``, then close a logical step if Opacus did not skip it."""
+        logged = self._step % self.log_every == 0
+        self._capturing = logged
+        try:
+            stepped = original(*args, **kwargs)
+        except BaseException:
+            self._reset_step_state()
+            raise
+        finally:
+            self._capturing = False
+
+        if stepped:
+            if logged:
+                self._finish_step(optimizer)
+            self._reset_step_state()
+            self._step += 1
+        return stepped
+
+    def _on_clip_and_accumulate(
+        self, optimizer: DPOptimizer, original: Callable[[], Any], fast_clip: bool
+    ) -> Any:
+        """Clip one physical batch as Opacus does, keeping its norms when the step is logged.
+
+        Runs before noise is added; the norms are those Opacus clips with, and C is read here
+        because adaptive clipping changes it later in the same ``pre_step``.
+        """
+        if not self._capturing:
+            return original()
+
+        self._max_grad_norm = float(optimizer.max_grad_norm)
+        if self.dry_run:
+            self._sample_count += _physical_batch_size(optimizer)
+            return original()
+
+        if fast_clip:
+            result = None
+            norms = clip_and_accumulate_keeping_norms(optimizer)
+            if norms is None:
+                norms = self._read_norms(optimizer)
+        else:
+            norms = self._read_norms(optimizer)
+            result = original()
+        if norms is not None:
+            # One float per sample leaves the device later; the per-sample gradients stay.
+            self._pending.append(norms.detach())
+        return result
+
+    def _read_norms(self, optimizer: DPOptimizer) -> torch.Tensor | None:
+        try:
+            with torch.no_grad():
+                return flat_norms(optimizer.grad_samples)
+        except Exception:  # noqa: BLE001 - Opacus raises its own error right after, if any
+            logger.debug("could not read per-sample gradients", exc_info=True)
+            return None
+
+    # ------------------------------------------------------------------ records
+
+    def _finish_step(self, optimizer: DPOptimizer) -> None:
+        max_grad_norm = self._max_grad_norm
+        if max_grad_norm is None:
+            max_grad_norm = float(optimizer.max_grad_norm)
+
+        if self.dry_run:
+            record = self._synthetic_record(max_grad_norm, self._sample_count)
+        elif self._pending:
+            before = torch.cat(self._pending).cpu().numpy().astype(np.float64)
+            after = clipped_norms(before, max_grad_norm)
+            record = GradNormRecord(self._step, before, after, max_grad_norm)
+        else:
+            record = self._fallback_record(optimizer, max_grad_norm)
+
+        self.last_record = record
+        self._write(record)
+
+    def _fallback_record(self, optimizer: DPOptimizer, max_grad_norm: float) -> GradNormRecord:
+        message = (
+            f"no per-sample gradient norms at step {self._step}: the optimizer did not clip "
+            "per-sample gradients in this step (are all parameters frozen, or is the model "
+            "not wrapped by PrivacyEngine.make_private?)"
+        )
+        if self.fallback == "raise":
+            raise MissingPerSampleGradientsError(message)
+        if not self._warned_fallback:
+            warnings.warn(
+                f"{message}; logging synthetic norms under '{self.tag_prefix}/synthetic/'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_fallback = True
+        batch_size = optimizer.expected_batch_size or 0
+        return self._synthetic_record(max_grad_norm, batch_size)
+
+    def _synthetic_record(self, max_grad_norm: float, num_samples: int) -> GradNormRecord:
+        before = sample_gradient_norms(max_grad_norm, num_samples, seed=self._rng)
+        after = clipped_norms(before, max_grad_norm)
+        return GradNormRecord(self._step, before, after, max_grad_norm, synthetic=True)
+
+    def _write(self, record: GradNormRecord) -> None:
+        if self._writer is None:
+            return
+        assert self._limits is not None
+        try:
+            write_record(self._writer, record, prefix=self.tag_prefix, limits=self._limits)
+        except Exception:  # noqa: BLE001 - logging must never stop training
+            self.write_failures += 1
+            logger.exception(
+                "failed to write gradient norms of step %d to TensorBoard "
+                "(failure %d); training continues",
+                record.step,
+                self.write_failures,
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _reset_step_state(self) -> None:
+        self._pending: list[torch.Tensor] = []
+        self._sample_count = 0
+        self._max_grad_norm: float | None = None
+        self._capturing = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this GradNormCallback is closed; create a new one")
+
+
+def _physical_batch_size(optimizer: DPOptimizer) -> int:
+    """Return the number of samples in the physical batch from shapes alone."""
+    for p in optimizer.params:
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            return len(grad_sample)
+        if isinstance(grad_sample, list):
+            return sum(len(g) for g in grad_sample)
+    return 0
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()

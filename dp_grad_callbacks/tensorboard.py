@@ -1,0 +1,73 @@
+"""Writing records to TensorBoard: the only module that calls ``SummaryWriter``."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from .record import GradNormRecord
+from .stats import bucket_counts, clipped_fraction, norm_quantiles
+
+SYNTHETIC = "synthetic"
+
+
+def tag_root(prefix: str, synthetic: bool) -> str:
+    """Return the tag root of a record, so that real and synthetic norms never share a tag."""
+    return f"{prefix}/{SYNTHETIC}" if synthetic else prefix
+
+
+def write_histogram(
+    writer: SummaryWriter, tag: str, values: np.ndarray, limits: np.ndarray, step: int
+) -> None:
+    """Write a histogram of ``values`` over fixed bucket ``limits``; nothing for no values.
+
+    Empty buckets at both ends are dropped, keeping one on each side of the data so that
+    TensorBoard can draw the outer buckets' widths.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return
+    counts = bucket_counts(values, limits)
+    nonzero = np.flatnonzero(counts)
+    first = max(int(nonzero[0]) - 1, 0)
+    last = min(int(nonzero[-1]) + 2, len(counts))
+    writer.add_histogram_raw(
+        tag,
+        min=float(values.min()),
+        max=float(values.max()),
+        num=int(values.size),
+        sum=float(values.sum()),
+        sum_squares=float(values @ values),
+        bucket_limits=limits[first:last].tolist(),
+        bucket_counts=counts[first:last].tolist(),
+        global_step=step,
+    )
+
+
+def write_record(
+    writer: SummaryWriter, record: GradNormRecord, *, prefix: str, limits: np.ndarray
+) -> None:
+    """Write the histograms and scalars of one record at ``global_step = record.step``.
+
+    Tags, under ``root = prefix`` (or ``prefix/synthetic`` for synthetic norms):
+    ``root/before_clipping`` and ``root/after_clipping`` histograms, and the scalars
+    ``root/clipped_fraction``, ``root/median``, ``root/p90``, ``root/max`` (all of the norms
+    before clipping), ``root/max_grad_norm`` and ``root/samples``. A step without samples
+    writes only ``samples`` and ``max_grad_norm``.
+    """
+    root = tag_root(prefix, record.synthetic)
+    step = record.step
+    before = record.before
+
+    writer.add_scalar(f"{root}/samples", before.size, step)
+    writer.add_scalar(f"{root}/max_grad_norm", record.max_grad_norm, step)
+    if before.size == 0:
+        return
+
+    median, p90 = norm_quantiles(before, (0.5, 0.9))
+    writer.add_scalar(f"{root}/clipped_fraction", clipped_fraction(before, record.max_grad_norm), step)
+    writer.add_scalar(f"{root}/median", median, step)
+    writer.add_scalar(f"{root}/p90", p90, step)
+    writer.add_scalar(f"{root}/max", float(before.max()), step)
+    write_histogram(writer, f"{root}/before_clipping", before, limits, step)
+    write_histogram(writer, f"{root}/after_clipping", record.after, limits, step)
