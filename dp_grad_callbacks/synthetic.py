@@ -117,6 +117,7 @@ def generate_gradient_norms(
             not a non-negative integer.
     """
     clipping_norm = _check_clipping_norm(clipping_norm)
+    num_points = _check_count("num_points", num_points)
     norms = sample_gradient_norms(clipping_norm, num_points, seed=seed)
     mu = math.log(clipping_norm) - 0.5
     return _points(norms, lognormal_density(norms, mu, DEFAULT_SIGMA))
