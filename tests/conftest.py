@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_FEATURES = 6
 CLASSES = 3
 
@@ -87,6 +89,13 @@ def brute_force_norms(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np
         grads = torch.autograd.grad(loss, params)
         norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item())
     return np.array(norms)
+
+
+def checkout_env() -> dict[str, str]:
+    """Return an environment in which a subprocess imports this checkout's package first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def read_events(logdir: Path) -> EventAccumulator:
