@@ -248,8 +248,8 @@ class GradNormCallback:
     ) -> Any:
         """Clip one physical batch as Opacus does, keeping its norms when the step is logged.
 
-        Runs before noise is added; the norms are those Opacus clips with, and C is read here
-        because adaptive clipping changes it later in the same ``pre_step``.
+        Runs before noise is added, so the norms are the ones Opacus clips with. C is read
+        here because adaptive clipping changes it later in the same ``pre_step``.
         """
         if not self._capturing:
             return original()
