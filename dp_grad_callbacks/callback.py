@@ -237,10 +237,12 @@ class GradNormCallback:
             self._capturing = False
 
         if stepped:
-            if logged:
-                self._finish_step(optimizer)
-            self._reset_step_state()
-            self._step += 1
+            try:
+                if logged:
+                    self._finish_step(optimizer)
+            finally:
+                self._reset_step_state()
+                self._step += 1
         return stepped
 
     def _on_clip_and_accumulate(
