@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from .record import GradNormRecord
-from .stats import bucket_counts, clipped_fraction, norm_quantiles
+from .stats import bucket_counts, norm_quantiles
 
 SYNTHETIC = "synthetic"
 
@@ -45,7 +47,12 @@ def write_histogram(
 
 
 def write_record(
-    writer: SummaryWriter, record: GradNormRecord, *, prefix: str, limits: np.ndarray
+    writer: SummaryWriter,
+    record: GradNormRecord,
+    *,
+    prefix: str,
+    limits: np.ndarray,
+    layer_limits: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write the histograms and scalars of one record at ``global_step = record.step``.
 
@@ -65,9 +72,18 @@ def write_record(
         return
 
     median, p90 = norm_quantiles(before, (0.5, 0.9))
-    writer.add_scalar(f"{root}/clipped_fraction", clipped_fraction(before, record.max_grad_norm), step)
+    writer.add_scalar(f"{root}/clipped_fraction", record.clipped_fraction, step)
     writer.add_scalar(f"{root}/median", median, step)
     writer.add_scalar(f"{root}/p90", p90, step)
     writer.add_scalar(f"{root}/max", float(before.max()), step)
     write_histogram(writer, f"{root}/before_clipping", before, limits, step)
     write_histogram(writer, f"{root}/after_clipping", record.after, limits, step)
+
+    layer_limits = layer_limits or {}
+    for name, layer_before in record.layer_before.items():
+        name_limits = layer_limits.get(name, limits)
+        layer_root = f"{root}/layer/{name}"
+        write_histogram(writer, f"{layer_root}/before_clipping", layer_before, name_limits, step)
+        write_histogram(
+            writer, f"{layer_root}/after_clipping", record.layer_after[name], name_limits, step
+        )
