@@ -10,11 +10,14 @@ from types import TracebackType
 from typing import Any, Callable, Literal
 
 import numpy as np
-import torch
+import torch.distributed as dist
 from opacus.optimizers import DPOptimizer
 from torch.utils.tensorboard import SummaryWriter
 
-from .capture import clip_and_accumulate_keeping_norms, flat_norms, supports_fast_clip
+from .assemble import StepNorms, build_record, collect_step
+from .capture import BatchNorms, Capture, NormReader, select_reader
+from .distributed import all_gather_rows, process_rank
+from .layers import parameter_names
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
@@ -54,10 +57,20 @@ class GradNormCallback:
             logs synthetic norms under ``<prefix>/synthetic/...`` and warns once,
             ``"raise"`` raises :class:`MissingPerSampleGradientsError`.
         seed: Seed of the synthetic norms. The callback never uses global random state.
+        per_layer: If True, also log each parameter's per-sample norms before and after
+            clipping as ``<prefix>/layer/<name>/...`` histograms, where ``<name>`` comes from
+            the model's ``named_parameters()``. :meth:`attach` then needs the module.
 
     Raises:
         TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path.
         ValueError: If an option is out of range.
+
+    Note:
+        In an initialized ``torch.distributed`` process group only rank 0 writes. On other
+        ranks a log directory creates no writer and no files, and a given writer is never
+        written to. Under ``DPDDP`` every rank's record holds the whole global batch, which
+        the ranks exchange at each logged step, so attach the callback on every rank with
+        the same options.
 
     Example:
         >>> import tempfile, torch
@@ -78,6 +91,7 @@ class GradNormCallback:
         dry_run: bool = False,
         fallback: Fallback = "synthetic",
         seed: int | None = None,
+        per_layer: bool = False,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
@@ -89,30 +103,39 @@ class GradNormCallback:
             raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-
-        if isinstance(writer, SummaryWriter):
-            self._writer: SummaryWriter | None = writer
-            self._owns_writer = False
-        elif isinstance(writer, (str, os.PathLike)):
-            self._writer = SummaryWriter(log_dir=os.fspath(writer))
-            self._owns_writer = True
-        else:
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+        if not isinstance(writer, (SummaryWriter, str, os.PathLike)):
             raise TypeError(
                 "writer must be a torch.utils.tensorboard.SummaryWriter or a log directory "
                 f"path, got {type(writer).__name__}"
             )
 
+        # Only rank 0 of a process group writes, so the other ranks create no event files.
+        self._writer: SummaryWriter | None = None
+        self._owns_writer = False
+        if process_rank() == 0:
+            if isinstance(writer, SummaryWriter):
+                self._writer = writer
+            else:
+                self._writer = SummaryWriter(log_dir=os.fspath(writer))
+                self._owns_writer = True
+
         self.log_every = log_every
         self.tag_prefix = tag_prefix.strip("/")
         self.dry_run = dry_run
         self.fallback = fallback
+        self.per_layer = per_layer
         self.last_record: GradNormRecord | None = None
         self.write_failures = 0
 
         self._rng = np.random.default_rng(seed)
         self._optimizer: DPOptimizer | None = None
+        self._reader: NormReader | None = None
+        self._names: dict[int, str] | None = None
         self._saved: dict[str, Any] = {}
         self._limits: np.ndarray | None = None
+        self._layer_limits: dict[str, np.ndarray] = {}
         self._step = 0
         self._closed = False
         self._warned_fallback = False
@@ -120,18 +143,28 @@ class GradNormCallback:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def attach(self, optimizer: DPOptimizer) -> GradNormCallback:
+    def attach(self, optimizer: DPOptimizer, module: object | None = None) -> GradNormCallback:
         """Start observing ``optimizer``, the ``DPOptimizer`` that ``make_private`` returned.
 
         The optimizer's ``pre_step`` and ``clip_and_accumulate`` are wrapped by instance
         attributes, which :meth:`detach` removes again. The step hook (the privacy
         accountant) is left alone.
 
+        Args:
+            optimizer: The optimizer that ``make_private`` returned.
+            module: The module that ``make_private`` returned (with ``wrap_model=False``,
+                the hooks object). Ghost clipping needs it because the norms are kept
+                there, and ``per_layer=True`` needs it for the parameter names.
+
         Returns:
             The callback itself, so that ``callback = GradNormCallback(...).attach(opt)``.
 
         Raises:
-            TypeError: If ``optimizer`` is not an Opacus ``DPOptimizer``.
+            TypeError: If ``optimizer`` is not an Opacus ``DPOptimizer``, or ``module`` is
+                needed and missing or of the wrong type.
+            UnsupportedModeError: If the optimizer trains in a mode whose norms the
+                callback cannot read; the message names the mode.
+            ValueError: If ``module`` does not hold the optimizer's parameters.
             RuntimeError: If this callback is attached or closed, or another callback is
                 attached to ``optimizer``.
         """
@@ -149,9 +182,18 @@ class GradNormCallback:
                 "another GradNormCallback is attached to this optimizer; detach it first "
                 "or log both views from one callback"
             )
+        reader = select_reader(optimizer, module, fast_clip=not self.dry_run)
+        names = None
+        if self.per_layer and not self.dry_run:
+            if module is None:
+                raise TypeError(
+                    "per_layer=True names each parameter after the model: call "
+                    "attach(optimizer, module) with the module that make_private returned"
+                )
+            names = parameter_names(module, optimizer)
 
-        self._limits = bucket_limits(float(optimizer.max_grad_norm))
-        fast_clip = not self.dry_run and supports_fast_clip(optimizer)
+        self._limits = bucket_limits(reader.max_grad_norm(optimizer))
+        self._layer_limits = {}
         original_pre_step = optimizer.pre_step
         original_clip = optimizer.clip_and_accumulate
         self._saved = {name: optimizer.__dict__.get(name, _MISSING) for name in _PATCHED}
@@ -160,11 +202,13 @@ class GradNormCallback:
             return self._on_pre_step(optimizer, original_pre_step, *args, **kwargs)
 
         def clip_and_accumulate() -> Any:
-            return self._on_clip_and_accumulate(optimizer, original_clip, fast_clip)
+            return self._on_clip_and_accumulate(optimizer, original_clip)
 
         optimizer.pre_step = pre_step  # type: ignore[method-assign]
         optimizer.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
         self._optimizer = optimizer
+        self._reader = reader
+        self._names = names
         _ATTACHED[optimizer] = self
         return self
 
@@ -180,6 +224,8 @@ class GradNormCallback:
                 optimizer.__dict__[name] = value
         _ATTACHED.pop(optimizer, None)
         self._optimizer = None
+        self._reader = None
+        self._names = None
         self._saved = {}
         self._reset_step_state()
 
@@ -226,8 +272,10 @@ class GradNormCallback:
         self, optimizer: DPOptimizer, original: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Any:
         """Run Opacus's ``pre_step``, then close a logical step if Opacus did not skip it."""
+        assert self._reader is not None
         logged = self._step % self.log_every == 0
         self._capturing = logged
+        self._add_batch("pre_step", self._reader.on_pre_step(optimizer, self._capture()))
         try:
             stepped = original(*args, **kwargs)
         except BaseException:
@@ -245,61 +293,77 @@ class GradNormCallback:
                 self._step += 1
         return stepped
 
-    def _on_clip_and_accumulate(
-        self, optimizer: DPOptimizer, original: Callable[[], Any], fast_clip: bool
-    ) -> Any:
+    def _on_clip_and_accumulate(self, optimizer: DPOptimizer, original: Callable[[], Any]) -> Any:
         """Clip one physical batch as Opacus does, keeping its norms when the step is logged.
 
         Runs before noise is added, so the norms are the ones Opacus clips with. C is read
         here because adaptive clipping changes it later in the same ``pre_step``.
         """
-        if not self._capturing:
-            return original()
-
-        self._max_grad_norm = float(optimizer.max_grad_norm)
-        if self.dry_run:
-            self._sample_count += _physical_batch_size(optimizer)
-            return original()
-
-        if fast_clip:
-            result = None
-            norms = clip_and_accumulate_keeping_norms(optimizer)
-            if norms is None:
-                norms = self._read_norms(optimizer)
-        else:
-            norms = self._read_norms(optimizer)
-            result = original()
-        if norms is not None:
-            # One float per sample leaves the device later; the per-sample gradients stay.
-            self._pending.append(norms.detach())
+        assert self._reader is not None
+        result, batch = self._reader.on_clip_and_accumulate(optimizer, original, self._capture())
+        self._add_batch("clip_and_accumulate", batch)
         return result
 
-    def _read_norms(self, optimizer: DPOptimizer) -> torch.Tensor | None:
-        try:
-            with torch.no_grad():
-                return flat_norms(optimizer.grad_samples)
-        except Exception:  # noqa: BLE001 - Opacus raises its own error right after, if any
-            logger.debug("could not read per-sample gradients", exc_info=True)
+    def _capture(self) -> Capture | None:
+        if not self._capturing:
             return None
+        if self.dry_run:
+            return "count"
+        return "param_norms" if self.per_layer else "norms"
+
+    def _add_batch(self, hook: str, batch: BatchNorms | None) -> None:
+        assert self._reader is not None
+        if not self._capturing or hook != self._reader.reads_at:
+            return
+        if batch is None:
+            # One unreadable physical batch makes the whole step fall back, so that a record
+            # never silently lacks some of the step's samples.
+            self._batch_missing = True
+        else:
+            self._pending.append(batch)
 
     # ------------------------------------------------------------------ records
 
     def _finish_step(self, optimizer: DPOptimizer) -> None:
-        max_grad_norm = self._max_grad_norm
-        if max_grad_norm is None:
-            max_grad_norm = float(optimizer.max_grad_norm)
+        assert self._reader is not None
+        if self._pending:
+            max_grad_norm = self._pending[-1].max_grad_norm
+        else:
+            max_grad_norm = self._reader.max_grad_norm(optimizer)
 
         if self.dry_run:
-            record = self._synthetic_record(max_grad_norm, self._sample_count)
-        elif self._pending:
-            before = torch.cat(self._pending).cpu().numpy().astype(np.float64)
-            after = clipped_norms(before, max_grad_norm)
-            record = GradNormRecord(self._step, before, after, max_grad_norm)
+            count = self._gather_count(sum(batch.count for batch in self._pending))
+            record = self._synthetic_record(max_grad_norm, count)
         else:
-            record = self._fallback_record(optimizer, max_grad_norm)
+            batches = [] if self._batch_missing else self._pending
+            norms = self._gather_norms(collect_step(batches, self._names))
+            if norms is None:
+                record = self._fallback_record(optimizer, max_grad_norm)
+            else:
+                record = build_record(self._step, norms)
 
         self.last_record = record
         self._write(record)
+
+    def _gather_norms(self, norms: StepNorms | None) -> StepNorms | None:
+        """Return the global batch's norms under ``DPDDP``; the local ones otherwise."""
+        assert self._reader is not None
+        if not self._reader.distributed:
+            return norms
+        # A rank without norms still takes part, so that no rank waits in the collective.
+        if norms is None:
+            all_gather_rows(None, 0)
+            return None
+        rows = all_gather_rows(norms.to_rows(), norms.width)
+        return None if rows is None else norms.with_rows(rows)
+
+    def _gather_count(self, count: int) -> int:
+        assert self._reader is not None
+        if not self._reader.distributed:
+            return count
+        rows = all_gather_rows(np.zeros((count, 0)), 0)
+        assert rows is not None
+        return len(rows)
 
     def _fallback_record(self, optimizer: DPOptimizer, max_grad_norm: float) -> GradNormRecord:
         message = (
@@ -316,7 +380,9 @@ class GradNormCallback:
                 stacklevel=4,
             )
             self._warned_fallback = True
-        batch_size = optimizer.expected_batch_size or 0
+        # Opacus's expected_batch_size is per rank under DPDDP.
+        world_size = dist.get_world_size() if self._reader and self._reader.distributed else 1
+        batch_size = round((optimizer.expected_batch_size or 0) * world_size)
         return self._synthetic_record(max_grad_norm, batch_size)
 
     def _synthetic_record(self, max_grad_norm: float, num_samples: int) -> GradNormRecord:
@@ -328,8 +394,19 @@ class GradNormCallback:
         if self._writer is None:
             return
         assert self._limits is not None
+        for name, bound in record.layer_max_grad_norms.items():
+            # Per-layer clipping piles each parameter up at its own bound, so its buckets are
+            # laid around that bound, once for the run.
+            if name not in self._layer_limits:
+                self._layer_limits[name] = bucket_limits(bound)
         try:
-            write_record(self._writer, record, prefix=self.tag_prefix, limits=self._limits)
+            write_record(
+                self._writer,
+                record,
+                prefix=self.tag_prefix,
+                limits=self._limits,
+                layer_limits=self._layer_limits,
+            )
         except Exception:  # noqa: BLE001 - logging must never stop training
             self.write_failures += 1
             logger.exception(
@@ -342,25 +419,13 @@ class GradNormCallback:
     # ------------------------------------------------------------------ helpers
 
     def _reset_step_state(self) -> None:
-        self._pending: list[torch.Tensor] = []
-        self._sample_count = 0
-        self._max_grad_norm: float | None = None
+        self._pending: list[BatchNorms] = []
+        self._batch_missing = False
         self._capturing = False
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this GradNormCallback is closed; create a new one")
-
-
-def _physical_batch_size(optimizer: DPOptimizer) -> int:
-    """Return the number of samples in the physical batch from shapes alone."""
-    for p in optimizer.params:
-        grad_sample = getattr(p, "grad_sample", None)
-        if isinstance(grad_sample, torch.Tensor):
-            return len(grad_sample)
-        if isinstance(grad_sample, list):
-            return sum(len(g) for g in grad_sample)
-    return 0
 
 
 class _Missing:
