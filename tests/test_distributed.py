@@ -43,12 +43,17 @@ PHYSICAL_BATCH = 2
 PER_LAYER_BOUNDS = [1.0, 0.5, 1.0, 0.05]
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
-# Name -> (make_private options, log_every).
+# Name -> (make_private options, callback options).
 SCENARIOS = {
-    "flat": ({"max_grad_norm": 0.5}, 1),
-    "per_layer": ({"clipping": "per_layer", "max_grad_norm": PER_LAYER_BOUNDS}, 2),
-    "ghost": ({"grad_sample_mode": "ghost", "max_grad_norm": 0.5}, 1),
+    "flat": ({"max_grad_norm": 0.5}, {"per_layer": True}),
+    "per_layer": (
+        {"clipping": "per_layer", "max_grad_norm": PER_LAYER_BOUNDS},
+        {"per_layer": True, "log_every": 2},
+    ),
+    "ghost": ({"grad_sample_mode": "ghost", "max_grad_norm": 0.5}, {"per_layer": True}),
+    "dry_run": ({"max_grad_norm": 0.5}, {"dry_run": True, "seed": 0}),
 }
+REAL = ["flat", "per_layer", "ghost"]
 
 
 def _free_port() -> int:
@@ -67,15 +72,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         timeout=timedelta(seconds=60),
     )
     try:
-        for name, (options, log_every) in SCENARIOS.items():
-            results = _train(rank, Path(out_dir) / name, options, log_every)
+        for name, (options, callback_options) in SCENARIOS.items():
+            results = _train(rank, Path(out_dir) / name, options, callback_options)
             with open(Path(out_dir) / f"{name}-rank{rank}.pkl", "wb") as file:
                 pickle.dump(results, file)
     finally:
         dist.destroy_process_group()
 
 
-def _train(rank: int, log_root: Path, options: dict, log_every: int) -> list[dict]:
+def _train(rank: int, log_root: Path, options: dict, callback_options: dict) -> list[dict]:
     torch.manual_seed(0)
     model = DPDDP(make_mlp())
     dataset = make_dataset(DATASET_SIZE)
@@ -96,9 +101,7 @@ def _train(rank: int, log_root: Path, options: dict, log_every: int) -> list[dic
         model, optimizer, _ = result
         criterion = nn.CrossEntropyLoss()
 
-    callback = GradNormCallback(
-        log_root / f"rank{rank}", log_every=log_every, per_layer=True, fallback="raise"
-    )
+    callback = GradNormCallback(log_root / f"rank{rank}", fallback="raise", **callback_options)
     callback.attach(optimizer, model)
     generator = torch.Generator().manual_seed(100 + rank)
     shard = torch.arange(rank, DATASET_SIZE, WORLD_SIZE)
@@ -148,7 +151,7 @@ def _global(ranks: list[list[dict]], step: int) -> tuple[int, dict[str, np.ndarr
 
 
 def _logged_steps(name: str) -> list[int]:
-    log_every = SCENARIOS[name][1]
+    log_every = SCENARIOS[name][1].get("log_every", 1)
     return [step for step in range(STEPS) if step % log_every == 0]
 
 
@@ -160,7 +163,7 @@ def test_empty_local_batches_happen(distributed_run, name):
     assert any(size > PHYSICAL_BATCH for rank_sizes in sizes for size in rank_sizes), sizes
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", REAL)
 def test_records_hold_global_batch(distributed_run, name):
     _, runs = distributed_run
     logged = _logged_steps(name)
@@ -181,6 +184,15 @@ def test_records_hold_global_batch(distributed_run, name):
                 np.testing.assert_allclose(
                     record.layer_before[layer], reference[layer], rtol=1e-5, atol=1e-9
                 )
+
+
+def test_dry_run_counts_global_batch(distributed_run):
+    _, runs = distributed_run
+    for rank in runs["dry_run"]:
+        for step in range(STEPS):
+            record = rank[step]["record"]
+            assert record.synthetic
+            assert record.num_samples == _global(runs["dry_run"], step)[0]
 
 
 def test_flat_after_clipping(distributed_run):
@@ -205,7 +217,7 @@ def test_per_layer_after_clipping(distributed_run):
         assert record.layer_max_grad_norms == bounds
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", REAL)
 def test_rank0_events_count_every_sample(distributed_run, name):
     out_dir, runs = distributed_run
     events = read_events(out_dir / name / "rank0")
@@ -227,3 +239,13 @@ def test_other_ranks_write_nothing(distributed_run, name):
     out_dir, _ = distributed_run
     assert (out_dir / name / "rank0").is_dir()
     assert not (out_dir / name / "rank1").exists()
+
+
+def test_rank0_dry_run_events(distributed_run):
+    out_dir, runs = distributed_run
+    events = read_events(out_dir / "dry_run" / "rank0")
+    samples = events.Scalars("grad_norm/synthetic/samples")
+    assert [int(event.value) for event in samples] == [
+        _global(runs["dry_run"], step)[0] for step in range(STEPS)
+    ]
+    assert "grad_norm/samples" not in events.Tags()["scalars"]

@@ -169,6 +169,23 @@ def test_ghost_stale_norms_are_missing(tmp_path):
             private.optimizer.step()
 
 
+def test_ghost_stale_physical_batch_fails_step(tmp_path):
+    # One stale physical batch must not leave a record with only the other batch's samples.
+    private = make_private(poisson=False, **GHOST)
+    x, y = next(iter(private.loader))
+    with GradNormCallback(tmp_path, fallback="raise") as callback:
+        callback.attach(private.optimizer, private.model)
+        private.optimizer.zero_grad()
+        private.criterion(private.model(x[:8]), y[:8]).backward()
+        private.optimizer.signal_skip_step(do_skip=True)
+        private.optimizer.step()
+
+        private.optimizer.zero_grad()
+        nn.functional.cross_entropy(private.model(x[8:]), y[8:]).backward()
+        with pytest.raises(MissingPerSampleGradientsError, match="step 0"):
+            private.optimizer.step()
+
+
 def test_ghost_without_module_raises(tmp_path):
     private = make_private(**GHOST)
     with GradNormCallback(tmp_path) as callback:
