@@ -68,7 +68,7 @@ class GradNormCallback:
     Note:
         In an initialized ``torch.distributed`` process group only rank 0 writes. On other
         ranks a log directory creates no writer and no files, and a given writer is never
-        written to. Under ``DPDDP`` every rank's record holds the whole global batch, which
+        written to. Under ``DPDDP`` every rank's record contains the whole global batch, which
         the ranks exchange at each logged step, so attach the callback on every rank with
         the same options.
 
@@ -187,8 +187,9 @@ class GradNormCallback:
         if self.per_layer and not self.dry_run:
             if module is None:
                 raise TypeError(
-                    "per_layer=True names each parameter after the model: call "
-                    "attach(optimizer, module) with the module that make_private returned"
+                    "module is missing: per_layer=True names each parameter after the model, "
+                    "so call attach(optimizer, module) with the module that make_private "
+                    "returned"
                 )
             names = parameter_names(module, optimizer)
 
@@ -366,11 +367,9 @@ class GradNormCallback:
         return len(rows)
 
     def _fallback_record(self, optimizer: DPOptimizer, max_grad_norm: float) -> GradNormRecord:
-        message = (
-            f"no per-sample gradient norms at step {self._step}: the optimizer did not clip "
-            "per-sample gradients in this step (are all parameters frozen, or is the model "
-            "not wrapped by PrivacyEngine.make_private?)"
-        )
+        assert self._reader is not None
+        reason = self._reader.missing_reason
+        message = f"no per-sample gradient norms at step {self._step}: {reason}"
         if self.fallback == "raise":
             raise MissingPerSampleGradientsError(message)
         if not self._warned_fallback:
@@ -381,7 +380,7 @@ class GradNormCallback:
             )
             self._warned_fallback = True
         # Opacus's expected_batch_size is per rank under DPDDP.
-        world_size = dist.get_world_size() if self._reader and self._reader.distributed else 1
+        world_size = dist.get_world_size() if self._reader.distributed else 1
         batch_size = round((optimizer.expected_batch_size or 0) * world_size)
         return self._synthetic_record(max_grad_norm, batch_size)
 

@@ -52,8 +52,8 @@ _FAST_CLIP_OPACUS_VERSIONS = ("1.6.0",)
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 Capture = Literal["count", "norms", "param_norms"]
-"""What a reader takes from a physical batch of a logged step: the sample count alone (dry
-run), the per-sample norms, or the norms and each parameter's per-sample norms."""
+"""The part of a physical batch that a reader keeps at a logged step: the sample count alone
+(dry run), the per-sample norms, or the norms and each parameter's per-sample norms."""
 
 
 class UnsupportedModeError(TypeError):
@@ -62,7 +62,7 @@ class UnsupportedModeError(TypeError):
 
 @dataclass(frozen=True)
 class BatchNorms:
-    """What a reader took from one physical batch, on the device where Opacus computed it.
+    """The sample count and norms of one physical batch, on the device where Opacus made them.
 
     Attributes:
         count: Number of samples in the batch.
@@ -102,7 +102,7 @@ def param_norm_matrix(grad_samples: list[torch.Tensor]) -> torch.Tensor:
 def flat_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
     """Return each sample's L2 norm over all parameters' per-sample gradients together.
 
-    Mirrors the norm in ``DPOptimizer.clip_and_accumulate``; see :func:`param_norm_matrix`.
+    Mirrors the norm in ``DPOptimizer.clip_and_accumulate``, as :func:`param_norm_matrix` does.
     """
     return param_norm_matrix(grad_samples).norm(2, dim=1)
 
@@ -183,21 +183,24 @@ def clip_and_accumulate_keeping_norms(
 
 
 class NormReader:
-    """Reads the norms of one physical batch at the two points where Opacus may clip.
+    """Reader of one physical batch's norms, at the two points where Opacus may clip.
 
     The callback calls :meth:`on_pre_step` before every ``pre_step`` and
     :meth:`on_clip_and_accumulate` in place of every ``clip_and_accumulate``. ``capture`` is
     None for a step that is not logged; the reader must then only let Opacus run.
 
     Attributes:
-        mode: Name of the training mode, for messages.
-        reads_at: The optimizer method before or in which the reader takes the norms; a
-            None batch there means the batch had no readable norms.
+        reads_at: The optimizer method before or in which the reader takes the norms. A
+            None batch there means that the batch had no readable norms.
+        missing_reason: The likely cause of a step without norms, for the fallback message.
         distributed: Whether every rank of a process group clips its own samples.
     """
 
-    mode = "flat clipping"
     reads_at: Literal["pre_step", "clip_and_accumulate"] = "clip_and_accumulate"
+    missing_reason = (
+        "the optimizer did not clip per-sample gradients in this step (are all parameters "
+        "frozen, or is the model not wrapped by PrivacyEngine.make_private?)"
+    )
 
     def __init__(self, *, distributed: bool) -> None:
         self.distributed = distributed
@@ -207,7 +210,7 @@ class NormReader:
         return float(optimizer.max_grad_norm)
 
     def on_pre_step(self, optimizer: DPOptimizer, capture: Capture | None) -> BatchNorms | None:
-        """Return the batch's norms if this mode has them before ``pre_step``; else None."""
+        """Return the batch's norms if this mode reads them before ``pre_step``, or None."""
         return None
 
     def on_clip_and_accumulate(
@@ -225,14 +228,13 @@ class FlatReader(NormReader):
     """Reader for one bound C over all parameters (flat and adaptive clipping).
 
     With ``fast=True`` the reader clips in place of Opacus with
-    :func:`clip_and_accumulate_keeping_norms`; otherwise it computes the norms with
+    :func:`clip_and_accumulate_keeping_norms`. Otherwise it computes the norms with
     :func:`param_norm_matrix` and then lets the optimizer's own method clip.
     """
 
-    def __init__(self, *, distributed: bool, fast: bool, mode: str = "flat clipping") -> None:
+    def __init__(self, *, distributed: bool, fast: bool) -> None:
         super().__init__(distributed=distributed)
         self.fast = fast
-        self.mode = mode
 
     def on_clip_and_accumulate(
         self, optimizer: DPOptimizer, original: Callable[[], Any], capture: Capture | None
@@ -271,8 +273,6 @@ class PerLayerReader(NormReader):
     then the optimizer's own method clips. They are always kept, because the norm after
     clipping depends on each of them.
     """
-
-    mode = "per-layer clipping"
 
     def on_clip_and_accumulate(
         self, optimizer: DPOptimizer, original: Callable[[], Any], capture: Capture | None
@@ -315,8 +315,11 @@ class GhostReader(NormReader):
     norms before ``pre_step`` and each parameter's norms from Opacus's ``_norm_sample``.
     """
 
-    mode = "ghost clipping"
     reads_at: Literal["pre_step", "clip_and_accumulate"] = "pre_step"
+    missing_reason = (
+        "ghost clipping computed no new norms since the previous step (was the loss computed "
+        "with the criterion that make_private returned?)"
+    )
 
     def __init__(self, module: GradSampleHooksFastGradientClipping, *, distributed: bool) -> None:
         super().__init__(distributed=distributed)
@@ -345,9 +348,9 @@ class GhostReader(NormReader):
         if capture == "param_norms":
             params = tuple(self.module.trainable_parameters)
             try:
-                # _norm_sample is private to opacus 1.6: GradSampleHooksFastGradientClipping
-                # stores each parameter's per-sample norms there and stacks them by the
-                # same order to get per_sample_gradient_norms.
+                # _norm_sample is private to opacus 1.6. GradSampleHooksFastGradientClipping
+                # stores each parameter's per-sample norms there and stacks them, in
+                # trainable_parameters order, into per_sample_gradient_norms.
                 columns = [p._norm_sample.to(norms.device) for p in params]
                 param_norms = torch.stack(columns, dim=1).detach()
             except (AttributeError, RuntimeError):
@@ -362,8 +365,7 @@ class GhostReader(NormReader):
         )
 
     def _fresh_norms(self) -> torch.Tensor | None:
-        """Return the norms of the latest backward pass, or None if there was none since the
-        previous call.
+        """Return the latest backward pass's norms, or None if none came since the last call.
 
         Opacus never clears ``per_sample_gradient_norms``, so a step after a backward pass
         that skipped ``DPLossFastGradientClipping`` (and so clipped nothing) would otherwise
@@ -409,7 +411,7 @@ def select_reader(
 ) -> NormReader:
     """Return the reader for the optimizer's training mode.
 
-    The mode is told by which Opacus implementation of ``clip_and_accumulate`` and
+    The mode follows from which Opacus implementations of ``clip_and_accumulate`` and
     ``pre_step`` the optimizer's class uses, so a subclass that changes neither (for
     example one that only changes ``add_noise``) is read like its base class.
 
@@ -441,7 +443,7 @@ def select_reader(
         fast = fast_clip and supports_fast_clip(optimizer)
         return FlatReader(distributed=distributed, fast=fast)
     if clip is AdaClipDPOptimizer.clip_and_accumulate and pre_step is AdaClipDPOptimizer.pre_step:
-        return FlatReader(distributed=distributed, fast=False, mode="adaptive clipping")
+        return FlatReader(distributed=distributed, fast=False)
     if clip is DPPerLayerOptimizer.clip_and_accumulate and pre_step is DPOptimizer.pre_step:
         return PerLayerReader(distributed=distributed)
     if (
@@ -462,9 +464,10 @@ def _ghost_module(
 ) -> GradSampleHooksFastGradientClipping:
     if module is None:
         raise TypeError(
-            "ghost clipping keeps the per-sample norms on the module, not the optimizer: "
-            "call attach(optimizer, module) with the module that make_private returned (the "
-            "GradSampleModuleFastGradientClipping, or the hooks object with wrap_model=False)"
+            "module is missing: ghost clipping keeps the per-sample norms on the module, not "
+            "on the optimizer, so call attach(optimizer, module) with the module that "
+            "make_private returned (the GradSampleModuleFastGradientClipping, or the hooks "
+            "object with wrap_model=False)"
         )
     if not isinstance(module, GradSampleHooksFastGradientClipping):
         raise TypeError(
@@ -478,8 +481,8 @@ def _ghost_module(
             "which computes the per-sample norms across ranks or shards. "
             f"Supported: {_SUPPORTED_MODES}."
         )
-    held = {id(p) for p in module._module.parameters()}
-    if any(id(p) not in held for p in optimizer.params):
+    module_params = {id(p) for p in module._module.parameters()}
+    if any(id(p) not in module_params for p in optimizer.params):
         raise ValueError(
             "module must be the module whose parameters the optimizer trains, but some of "
             f"the optimizer's parameters are not in the {type(module).__name__} given; pass "

@@ -22,8 +22,8 @@ def process_rank() -> int:
 
 
 def _collective_device() -> torch.device:
-    # NCCL moves only CUDA tensors; gloo and the other CPU backends take CPU tensors.
-    # NOTE: only gloo is tested; the NCCL branch has never run.
+    # NCCL moves only CUDA tensors, while gloo takes CPU tensors.
+    # NOTE: only gloo is tested. The NCCL branch has never run.
     backend = str(dist.get_backend())
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -53,7 +53,7 @@ class GradNormRecord:
 
     @property
     def clipped_fraction(self) -> float:
-        """Fraction of samples whose norm exceeded its bound; NaN for an empty step."""
+        """Fraction of samples whose norm exceeded its bound, or NaN for an empty step."""
         if self.clipped is None:
             return clipped_fraction(self.before, self.max_grad_norm)
         if self.clipped.size == 0:

@@ -27,7 +27,9 @@ def inner_model(module: object) -> nn.Module:
             return module
 
 
-def brute_force_param_norms(module: object, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+def brute_force_param_norms(
+    module: object, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Return each trainable parameter's per-example gradient norms, by parameter name."""
     inner = inner_model(module)
     reference = make_mlp()
@@ -50,7 +52,9 @@ def total_norms(param_norms: dict[str, np.ndarray], size: int) -> np.ndarray:
     return np.sqrt(sum(np.square(values) for values in param_norms.values()))
 
 
-def per_layer_clipped(param_norms: dict[str, np.ndarray], bounds: dict[str, float]) -> dict[str, np.ndarray]:
+def per_layer_clipped(
+    param_norms: dict[str, np.ndarray], bounds: dict[str, float]
+) -> dict[str, np.ndarray]:
     """Return each parameter's norms after clipping to its own bound, as Opacus scales them."""
     return {
         name: values * np.minimum(1.0, bounds[name] / (values + 1e-6))

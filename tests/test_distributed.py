@@ -4,8 +4,8 @@ Each process trains the same tiny MLP on its own shard of the data. Each step, e
 draws its local batch by Poisson sampling (each example of its shard independently with
 probability ``SAMPLE_RATE``), which is small enough that local batches are often empty.
 Opacus 1.6's own distributed Poisson sampler skips an empty local batch, so one rank would
-take fewer steps than the other and the gradient all-reduce would fail; this test draws the
-batches itself and feeds the empty ones through. Each local batch is split into physical
+take fewer steps than the other and the gradient all-reduce would fail. This test therefore
+draws the batches itself and feeds the empty ones through. Each local batch is split into physical
 batches of at most ``PHYSICAL_BATCH`` with ``signal_skip_step``, as ``BatchMemoryManager``
 does, so the ranks run different numbers of physical batches per logical step.
 

@@ -10,6 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from opacus import PrivacyEngine
+from opacus.grad_sample import (
+    GradSampleHooksFastGradientClippingTP,
+    GradSampleModuleFastGradientClippingFSDP,
+)
 from opacus.optimizers import FSDPOptimizerFastGradientClipping
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 from opacus.optimizers.optimizer import DPOptimizer
@@ -45,7 +49,7 @@ GHOST = dict(grad_sample_mode="ghost")
 
 
 def run_steps(private, callback, steps=4, *, model=None):
-    """Train ``steps`` batches; return each step's (x, y, reference norms, record)."""
+    """Train ``steps`` batches and return each step's (x, y, reference norms, record)."""
     model = private.model if model is None else model
     results = []
     for step, (x, y) in enumerate(private.loader):
@@ -106,7 +110,7 @@ def test_ghost_norms_match_brute_force(tmp_path, wrap_model):
 
 
 def test_ghost_reports_module_bound(tmp_path):
-    # Ghost clipping clips with the module's max_grad_norm; the optimizer's sets the noise.
+    # Ghost clipping clips with the module's max_grad_norm, and the optimizer's sets the noise.
     private = make_private(**GHOST)
     private.model.max_grad_norm = 0.2
     with GradNormCallback(tmp_path) as callback:
@@ -151,7 +155,7 @@ def test_ghost_batch_memory_manager_one_record(tmp_path):
 
 def test_ghost_stale_norms_are_missing(tmp_path):
     # A backward pass through the plain criterion clips nothing and leaves the previous
-    # batch's norms on the module; the callback must not log them again.
+    # batch's norms on the module. The callback must not log them again.
     private = make_private(poisson=False, **GHOST)
     batches = iter(private.loader)
     with GradNormCallback(tmp_path, fallback="raise") as callback:
@@ -412,8 +416,7 @@ def test_parameter_without_gradient_keeps_opacus_error(tmp_path, options):
     def step_error(attach):
         torch.manual_seed(0)
         model = WithUnusedLayer()
-        options_here = dict(options)
-        bound = [0.5] * 4 if options_here.get("clipping") == "per_layer" else 0.5
+        bound = [0.5] * 4 if options.get("clipping") == "per_layer" else 0.5
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, optimizer, loader = PrivacyEngine().make_private(
@@ -423,7 +426,7 @@ def test_parameter_without_gradient_keeps_opacus_error(tmp_path, options):
                 noise_multiplier=1.0,
                 max_grad_norm=bound,
                 poisson_sampling=False,
-                **options_here,
+                **options,
             )
         callback = GradNormCallback(tmp_path, fallback="raise")
         if attach:
@@ -473,6 +476,21 @@ def test_unsupported_optimizer_raises(tmp_path, single_process_group, optimizer_
             callback.attach(optimizer)
         assert not callback.attached
     assert "pre_step" not in optimizer.__dict__
+
+
+@pytest.mark.parametrize(
+    "module_class",
+    [GradSampleHooksFastGradientClippingTP, GradSampleModuleFastGradientClippingFSDP],
+)
+def test_sharded_ghost_module_raises(tmp_path, module_class):
+    private = make_private(**GHOST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = module_class(make_mlp(), max_grad_norm=0.5)
+    expected = f"ghost clipping with {module_class.__name__}"
+    with GradNormCallback(tmp_path) as callback:
+        with pytest.raises(UnsupportedModeError, match=expected):
+            callback.attach(private.optimizer, module)
 
 
 class CustomClipping(DPOptimizer):
