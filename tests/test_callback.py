@@ -12,7 +12,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks import GradNormCallback, GradNormRecord, MissingPerSampleGradientsError
-from dp_grad_callbacks import callback as callback_module
+from dp_grad_callbacks import capture as capture_module
 
 
 def train_step(private, x, y):
@@ -363,8 +363,8 @@ def test_dry_run_never_reads_per_sample_gradients(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("per-sample gradients were read in a dry run")
 
-    monkeypatch.setattr(callback_module, "flat_norms", fail)
-    monkeypatch.setattr(callback_module, "clip_and_accumulate_keeping_norms", fail)
+    monkeypatch.setattr(capture_module, "param_norm_matrix", fail)
+    monkeypatch.setattr(capture_module, "clip_and_accumulate_keeping_norms", fail)
     private = make_private()
     counts = []
     with GradNormCallback(tmp_path, dry_run=True, seed=1) as callback:
