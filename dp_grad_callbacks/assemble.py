@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .capture import BatchNorms
 from .record import GradNormRecord
@@ -148,9 +149,9 @@ def _batch_arrays(
     return before, after, clipped, layer_before, layer_after
 
 
-def _to_numpy(tensor: object) -> np.ndarray:
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     # One float per sample (and parameter) leaves the device here.
-    return tensor.detach().cpu().numpy().astype(np.float64)  # type: ignore[attr-defined]
+    return tensor.detach().cpu().numpy().astype(np.float64)
 
 
 def build_record(step: int, norms: StepNorms) -> GradNormRecord:

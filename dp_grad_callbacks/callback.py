@@ -163,8 +163,8 @@ class GradNormCallback:
             TypeError: If ``optimizer`` is not an Opacus ``DPOptimizer``, or ``module`` is
                 needed and missing or of the wrong type.
             UnsupportedModeError: If the optimizer trains in a mode whose norms the
-                callback cannot read; the message names the mode.
-            ValueError: If ``module`` does not hold the optimizer's parameters.
+                callback cannot read. The message names the mode.
+            ValueError: If ``module`` does not contain the optimizer's parameters.
             RuntimeError: If this callback is attached or closed, or another callback is
                 attached to ``optimizer``.
         """
@@ -182,6 +182,7 @@ class GradNormCallback:
                 "another GradNormCallback is attached to this optimizer; detach it first "
                 "or log both views from one callback"
             )
+
         reader = select_reader(optimizer, module, fast_clip=not self.dry_run)
         names = None
         if self.per_layer and not self.dry_run:
