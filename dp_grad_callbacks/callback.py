@@ -11,10 +11,12 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.tensorboard import SummaryWriter
 
 from .capture import clip_and_accumulate_keeping_norms, flat_norms, supports_fast_clip
+from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
@@ -54,10 +56,18 @@ class GradNormCallback:
             logs synthetic norms under ``<prefix>/synthetic/...`` and warns once,
             ``"raise"`` raises :class:`MissingPerSampleGradientsError`.
         seed: Seed of the synthetic norms. The callback never uses global random state.
+        privacy_engine: The ``PrivacyEngine`` that made the optimizer private. Given with
+            ``delta``, the callback writes ``privacy/epsilon`` from its ``get_epsilon``.
+        delta: The delta of the logged epsilon, between 0 and 1.
+        epsilon_every: Number of logged steps between ``privacy/epsilon`` scalars. The first
+            logged step and the last step before :meth:`detach` always get one. Computing
+            epsilon takes milliseconds (``rdp``) to a fraction of a second (``prv``).
 
     Raises:
-        TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path.
-        ValueError: If an option is out of range.
+        TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path, or
+            ``privacy_engine`` is not a ``PrivacyEngine``.
+        ValueError: If an option is out of range, or only one of ``privacy_engine`` and
+            ``delta`` is given.
 
     Example:
         >>> import tempfile, torch
@@ -78,6 +88,9 @@ class GradNormCallback:
         dry_run: bool = False,
         fallback: Fallback = "synthetic",
         seed: int | None = None,
+        privacy_engine: PrivacyEngine | None = None,
+        delta: float | None = None,
+        epsilon_every: int = DEFAULT_EPSILON_EVERY,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
@@ -89,6 +102,13 @@ class GradNormCallback:
             raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        dashboard = Dashboard(
+            prefix=tag_prefix.strip("/"),
+            synthetic=dry_run,
+            privacy_engine=privacy_engine,
+            delta=delta,
+            epsilon_every=epsilon_every,
+        )
 
         if isinstance(writer, SummaryWriter):
             self._writer: SummaryWriter | None = writer
@@ -108,6 +128,7 @@ class GradNormCallback:
         self.fallback = fallback
         self.last_record: GradNormRecord | None = None
         self.write_failures = 0
+        self.dashboard = dashboard
 
         self._rng = np.random.default_rng(seed)
         self._optimizer: DPOptimizer | None = None
@@ -125,7 +146,8 @@ class GradNormCallback:
 
         The optimizer's ``pre_step`` and ``clip_and_accumulate`` are wrapped by instance
         attributes, which :meth:`detach` removes again. The step hook (the privacy
-        accountant) is left alone.
+        accountant) is left alone. The run's Custom Scalars layout and a table of the DP
+        settings (Text tab) are written here.
 
         Returns:
             The callback itself, so that ``callback = GradNormCallback(...).attach(opt)``.
@@ -166,13 +188,18 @@ class GradNormCallback:
         optimizer.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
         self._optimizer = optimizer
         _ATTACHED[optimizer] = self
+        self.dashboard.write_header(self._writer, optimizer, self._step)
         return self
 
     def detach(self) -> None:
-        """Stop observing and restore the optimizer exactly as it was; a no-op if detached."""
+        """Stop observing and restore the optimizer exactly as it was; a no-op if detached.
+
+        With ``privacy_engine`` and ``delta`` given, epsilon after the last step is written first.
+        """
         optimizer = self._optimizer
         if optimizer is None:
             return
+        self.dashboard.write_final_epsilon(self._writer, self._step - 1)
         for name, value in self._saved.items():
             if value is _MISSING:
                 optimizer.__dict__.pop(name, None)
@@ -217,8 +244,18 @@ class GradNormCallback:
 
     @property
     def step(self) -> int:
-        """Number of logical steps observed so far, which is also the index of the next one."""
+        """Index of the next logical step: the number of steps observed, unless set.
+
+        A trainer with its own step counter sets this before each optimizer step, so that
+        records, ``log_every`` and TensorBoard steps follow that counter.
+        """
         return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"step must be a non-negative integer, got {value!r}")
+        self._step = value
 
     # ------------------------------------------------------------------ optimizer events
 
@@ -300,6 +337,7 @@ class GradNormCallback:
 
         self.last_record = record
         self._write(record)
+        self.dashboard.count_logged_step(self._writer, record.step)
 
     def _fallback_record(self, optimizer: DPOptimizer, max_grad_norm: float) -> GradNormRecord:
         message = (
