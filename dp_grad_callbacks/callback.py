@@ -16,7 +16,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.tensorboard import SummaryWriter
 
 from .capture import clip_and_accumulate_keeping_norms, flat_norms, supports_fast_clip
-from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard
+from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard, check_privacy_options
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
@@ -36,6 +36,31 @@ _PATCHED = ("pre_step", "clip_and_accumulate")
 
 class MissingPerSampleGradientsError(RuntimeError):
     """Raised with ``fallback="raise"`` when a logged step has no per-sample gradient norms."""
+
+
+def check_options(
+    *,
+    log_every: Any,
+    tag_prefix: Any,
+    dry_run: Any,
+    fallback: Any,
+    seed: Any,
+    privacy_engine: Any,
+    delta: Any,
+    epsilon_every: Any,
+) -> None:
+    """Raise ``ValueError`` or ``TypeError`` naming the first invalid option of the callback."""
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+    if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
+        raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
+    if not isinstance(dry_run, bool):
+        raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    check_privacy_options(privacy_engine, delta, epsilon_every)
 
 
 class GradNormCallback:
@@ -92,16 +117,16 @@ class GradNormCallback:
         delta: float | None = None,
         epsilon_every: int = DEFAULT_EPSILON_EVERY,
     ) -> None:
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
-        if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
-            raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
-        if not isinstance(dry_run, bool):
-            raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
-        if fallback not in _FALLBACKS:
-            raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        check_options(
+            log_every=log_every,
+            tag_prefix=tag_prefix,
+            dry_run=dry_run,
+            fallback=fallback,
+            seed=seed,
+            privacy_engine=privacy_engine,
+            delta=delta,
+            epsilon_every=epsilon_every,
+        )
         dashboard = Dashboard(
             prefix=tag_prefix.strip("/"),
             synthetic=dry_run,
