@@ -20,7 +20,7 @@ trap cleanup EXIT
 
 "$python" examples/train_digits_lightning.py --epochs 5 --logdir "$work/runs"
 
-# Port 0 is not accepted by TensorBoard, so ask the kernel for a free port first.
+# Ask the kernel for a free port on the loopback address.
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 "$tensorboard" --logdir "$work/runs" --host 127.0.0.1 --port "$port" >"$work/tensorboard.log" 2>&1 &
 server_pid=$!
@@ -33,7 +33,7 @@ for _ in $(seq 60); do
     sleep 1
 done
 if [[ -z "$ready" ]]; then
-    echo "TensorBoard did not answer on 127.0.0.1:$port within 60 s; its log:" >&2
+    echo "TensorBoard did not respond on 127.0.0.1:$port within 60 s; its log:" >&2
     cat "$work/tensorboard.log" >&2
     exit 1
 fi

@@ -36,7 +36,7 @@ EPSILON_TAG = "privacy/epsilon"
 # get_epsilon cost, measured with benchmarks/accountant_cost.py on a 2-core x86_64 machine
 # (torch 2.13.0, opacus 1.6.0) against one step of the 64 -> 512 x3 -> 10 MLP at batch 256:
 # rdp 0.01-0.04 steps, gdp under 0.01, prv 0.12 steps after 1,000 steps and 0.24 after
-# 10,000. Every 100th logged step keeps even prv near 0.25% of training time.
+# 10,000. At every 100th logged step, prv costs an estimated 0.25% of training time or less.
 DEFAULT_EPSILON_EVERY = 100
 
 
@@ -192,7 +192,7 @@ def is_rank_zero() -> bool:
 
 
 class Dashboard:
-    """The dashboard writes of one attached callback: layout, settings text and epsilon.
+    """Writer of one callback's dashboard: the layout, the settings text and epsilon.
 
     Every write happens on rank 0 only, and a failing write is logged and counted in
     ``failures`` instead of raised, so that the dashboard never stops training.
@@ -263,16 +263,16 @@ class Dashboard:
             if math.isfinite(epsilon):
                 writer.add_scalar(EPSILON_TAG, epsilon, step)
             else:
-                logger.warning("epsilon at step %d is %s; not written", step, epsilon)
+                logger.warning("epsilon at step %d is %s, so it is not written", step, epsilon)
         except Exception:  # noqa: BLE001 - the dashboard must never stop training
             self._log_failure("privacy/epsilon", step)
         self._last_epsilon_step = step
 
-    def _log_failure(self, what: str, step: int) -> None:
+    def _log_failure(self, content: str, step: int) -> None:
         self.failures += 1
         logger.exception(
             "failed to write %s at step %d to TensorBoard (failure %d); training continues",
-            what,
+            content,
             step,
             self.failures,
         )

@@ -2,7 +2,7 @@
 
 Needs PyTorch Lightning: ``pip install 'dp-grad-callbacks[lightning]'``. The callback works
 with the ``lightning.pytorch`` and the ``pytorch_lightning`` namespace alike, because
-Lightning calls callback hooks by name.
+Lightning (2.6) calls callback hooks by name.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ class GradNormMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach a new ``GradNormCallback`` to the DP optimizer, on global rank 0 only."""
+        # NOTE: tested in one process only. Under a multi-process strategy, ranks other
+        # than 0 attach nothing, so they never read or send their norms.
         if not trainer.is_global_zero:
             return
         optimizer = self._find_dp_optimizer(trainer)
@@ -206,7 +208,7 @@ class GradNormMonitor(Callback):
                 return logger.experiment
         if self.log_dir is None:
             raise MisconfigurationException(
-                "GradNormMonitor needs a place to write: the trainer has no "
+                "GradNormMonitor has nowhere to write: the trainer has no "
                 "TensorBoardLogger and log_dir is None; add "
                 "logger=TensorBoardLogger(save_dir) to the Trainer or pass "
                 "GradNormMonitor(log_dir=...)"

@@ -163,7 +163,7 @@ def test_epsilon_every_logged_steps_and_last(tmp_path: Path) -> None:
         assert event.value == pytest.approx(reference.get_epsilon(DELTA), rel=1e-6)
 
 
-def test_final_epsilon_covers_steps_after_last_logged(tmp_path: Path) -> None:
+def test_final_epsilon_after_unlogged_steps(tmp_path: Path) -> None:
     private = make_private(batch_size=8, dataset_size=64)
     with GradNormCallback(
         tmp_path, log_every=4, privacy_engine=private.engine, delta=DELTA

@@ -163,7 +163,7 @@ def test_monitor_logs_through_tensorboard_logger(tmp_path: Path, namespace: str)
     assert not monitor.callback.attached
 
 
-def test_monitor_writes_log_dir_without_tensorboard_logger(tmp_path: Path) -> None:
+def test_monitor_falls_back_to_log_dir(tmp_path: Path) -> None:
     pl = lightning.pytorch
     classifier_class, _ = make_classes(pl)
     monitor = GradNormMonitor(tmp_path / "norms", log_every=2)
@@ -173,7 +173,7 @@ def test_monitor_writes_log_dir_without_tensorboard_logger(tmp_path: Path) -> No
     assert [event.step for event in histograms] == [0, 2]
 
 
-def test_monitor_uses_global_step_of_second_fit(tmp_path: Path) -> None:
+def test_monitor_step_in_second_fit(tmp_path: Path) -> None:
     pl = lightning.pytorch
     classifier_class, digits_class = make_classes(pl)
     module = classifier_class()
@@ -196,7 +196,7 @@ def test_monitor_uses_global_step_of_second_fit(tmp_path: Path) -> None:
     np.testing.assert_allclose(record.before, module.reference_norms[6], rtol=1e-5)
 
 
-def test_monitor_follows_global_step_over_skipped_step(tmp_path: Path) -> None:
+def test_monitor_step_over_skipped_step(tmp_path: Path) -> None:
     pl = lightning.pytorch
     classifier_class, _ = make_classes(pl)
     module = classifier_class(skip_at_step=1)
@@ -243,7 +243,7 @@ def test_monitor_without_dp_optimizer_raises(tmp_path: Path) -> None:
         fit(pl, classifier_class(private=False), callbacks=[GradNormMonitor(tmp_path)])
 
 
-def test_monitor_on_other_rank_writes_nothing(
+def test_monitor_idle_on_other_ranks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pl = lightning.pytorch
