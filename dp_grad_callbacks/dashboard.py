@@ -13,6 +13,7 @@ import logging
 import math
 import numbers
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ from .tensorboard import tag_root
 logger = logging.getLogger(__name__)
 
 EPSILON_TAG = "privacy/epsilon"
+
+# The layout written to each writer so far. TensorBoard shows only the last layout of a
+# run, so a second callback on the same writer writes the union of both.
+_LAYOUTS: weakref.WeakKeyDictionary[SummaryWriter, dict] = weakref.WeakKeyDictionary()
 
 # get_epsilon cost, measured with benchmarks/accountant_cost.py on a 2-core x86_64 machine
 # (torch 2.13.0, opacus 1.6.0) against one step of the 64 -> 512 x3 -> 10 MLP at batch 256:
@@ -228,9 +233,12 @@ class Dashboard:
         """Write the Custom Scalars layout and the DP settings text at ``step``."""
         if writer is None or not is_rank_zero():
             return
-        layout = custom_scalar_layout(
+        layout = _LAYOUTS.setdefault(writer, {})
+        new_layout = custom_scalar_layout(
             self.prefix, synthetic=self.synthetic, epsilon=self.privacy_engine is not None
         )
+        for category, charts in new_layout.items():
+            layout.setdefault(category, {}).update(charts)
         settings = dp_settings(optimizer, privacy_engine=self.privacy_engine, delta=self.delta)
         try:
             writer.add_custom_scalars(layout)

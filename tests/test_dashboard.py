@@ -9,6 +9,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant
 from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks import GradNormCallback
 from dp_grad_callbacks import dashboard
@@ -288,3 +289,22 @@ def test_dashboard_write_failure_is_counted(tmp_path: Path) -> None:
 
     assert callback.dashboard.failures == 1
     assert callback.last_record is not None
+
+
+def test_shared_writer_keeps_both_layouts(tmp_path: Path) -> None:
+    first = make_private(seed=0)
+    second = make_private(seed=1)
+    writer = SummaryWriter(str(tmp_path))
+    with GradNormCallback(writer, tag_prefix="encoder") as encoder_callback:
+        with GradNormCallback(writer, tag_prefix="decoder") as decoder_callback:
+            encoder_callback.attach(first.optimizer)
+            decoder_callback.attach(second.optimizer)
+    writer.close()
+
+    titles = set(chart_patterns(read_layout(tmp_path)))
+    assert titles == {
+        "Per-sample gradient norms against C (encoder)",
+        "Fraction of samples clipped (encoder)",
+        "Per-sample gradient norms against C (decoder)",
+        "Fraction of samples clipped (decoder)",
+    }
