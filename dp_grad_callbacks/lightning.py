@@ -139,8 +139,8 @@ class GradNormMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach a new ``GradNormCallback`` to the DP optimizer, on global rank 0 only."""
-        # NOTE: tested in one process only. Under a multi-process strategy, ranks other
-        # than 0 attach nothing, so they never read or send their norms.
+        # NOTE: tested in one process only. Under a multi-process strategy, rank 0 logs
+        # only the samples of its own batch shard, because the other ranks attach nothing.
         if not trainer.is_global_zero:
             return
         optimizer = self._find_dp_optimizer(trainer)
