@@ -11,11 +11,13 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch.distributed as dist
+from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.tensorboard import SummaryWriter
 
 from .assemble import StepNorms, build_record, collect_step
 from .capture import BatchNorms, Capture, NormReader, select_reader
+from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard, check_privacy_options
 from .distributed import all_gather_rows, process_rank
 from .layers import parameter_names
 from .record import GradNormRecord
@@ -39,6 +41,34 @@ class MissingPerSampleGradientsError(RuntimeError):
     """Raised with ``fallback="raise"`` when a logged step has no per-sample gradient norms."""
 
 
+def check_options(
+    *,
+    log_every: Any,
+    tag_prefix: Any,
+    dry_run: Any,
+    fallback: Any,
+    seed: Any,
+    per_layer: Any,
+    privacy_engine: Any,
+    delta: Any,
+    epsilon_every: Any,
+) -> None:
+    """Raise ``ValueError`` or ``TypeError`` naming the first invalid option of the callback."""
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+    if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
+        raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
+    if not isinstance(dry_run, bool):
+        raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    check_privacy_options(privacy_engine, delta, epsilon_every)
+
+
 class GradNormCallback:
     """Log the per-sample gradient norms that Opacus clips to TensorBoard.
 
@@ -60,10 +90,18 @@ class GradNormCallback:
         per_layer: If True, also log each parameter's per-sample norms before and after
             clipping as ``<prefix>/layer/<name>/...`` histograms, where ``<name>`` comes from
             the model's ``named_parameters()``. :meth:`attach` then needs the module.
+        privacy_engine: The ``PrivacyEngine`` that made the optimizer private. Given with
+            ``delta``, the callback writes ``privacy/epsilon`` from its ``get_epsilon``.
+        delta: The delta of the logged epsilon, between 0 and 1.
+        epsilon_every: Number of logged steps between ``privacy/epsilon`` scalars. The first
+            logged step and the last step before :meth:`detach` always get one. Computing
+            epsilon takes milliseconds (``rdp``) to a fraction of a second (``prv``).
 
     Raises:
-        TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path.
-        ValueError: If an option is out of range.
+        TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path, or
+            ``privacy_engine`` is not a ``PrivacyEngine``.
+        ValueError: If an option is out of range, or only one of ``privacy_engine`` and
+            ``delta`` is given.
 
     Note:
         In an initialized ``torch.distributed`` process group only rank 0 writes. On other
@@ -92,19 +130,28 @@ class GradNormCallback:
         fallback: Fallback = "synthetic",
         seed: int | None = None,
         per_layer: bool = False,
+        privacy_engine: PrivacyEngine | None = None,
+        delta: float | None = None,
+        epsilon_every: int = DEFAULT_EPSILON_EVERY,
     ) -> None:
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
-        if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
-            raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
-        if not isinstance(dry_run, bool):
-            raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
-        if fallback not in _FALLBACKS:
-            raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        if not isinstance(per_layer, bool):
-            raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+        check_options(
+            log_every=log_every,
+            tag_prefix=tag_prefix,
+            dry_run=dry_run,
+            fallback=fallback,
+            seed=seed,
+            per_layer=per_layer,
+            privacy_engine=privacy_engine,
+            delta=delta,
+            epsilon_every=epsilon_every,
+        )
+        dashboard = Dashboard(
+            prefix=tag_prefix.strip("/"),
+            synthetic=dry_run,
+            privacy_engine=privacy_engine,
+            delta=delta,
+            epsilon_every=epsilon_every,
+        )
         if not isinstance(writer, (SummaryWriter, str, os.PathLike)):
             raise TypeError(
                 "writer must be a torch.utils.tensorboard.SummaryWriter or a log directory "
@@ -128,6 +175,7 @@ class GradNormCallback:
         self.per_layer = per_layer
         self.last_record: GradNormRecord | None = None
         self.write_failures = 0
+        self.dashboard = dashboard
 
         self._rng = np.random.default_rng(seed)
         self._optimizer: DPOptimizer | None = None
@@ -148,7 +196,8 @@ class GradNormCallback:
 
         The optimizer's ``pre_step`` and ``clip_and_accumulate`` are wrapped by instance
         attributes, which :meth:`detach` removes again. The step hook (the privacy
-        accountant) is left alone.
+        accountant) is left alone. The run's Custom Scalars layout and a table of the DP
+        settings (Text tab) are written here.
 
         Args:
             optimizer: The optimizer that ``make_private`` returned.
@@ -212,13 +261,18 @@ class GradNormCallback:
         self._reader = reader
         self._names = names
         _ATTACHED[optimizer] = self
+        self.dashboard.write_header(self._writer, optimizer, self._step)
         return self
 
     def detach(self) -> None:
-        """Stop observing and restore the optimizer exactly as it was; a no-op if detached."""
+        """Stop observing and restore the optimizer exactly as it was; a no-op if detached.
+
+        With ``privacy_engine`` and ``delta`` given, epsilon after the last step is written first.
+        """
         optimizer = self._optimizer
         if optimizer is None:
             return
+        self.dashboard.write_final_epsilon(self._writer, self._step - 1)
         for name, value in self._saved.items():
             if value is _MISSING:
                 optimizer.__dict__.pop(name, None)
@@ -265,8 +319,18 @@ class GradNormCallback:
 
     @property
     def step(self) -> int:
-        """Number of logical steps observed so far, which is also the index of the next one."""
+        """Index of the next logical step: the number of steps observed, unless set.
+
+        A trainer with its own step counter sets this before each optimizer step, so that
+        records, ``log_every`` and TensorBoard steps follow that counter.
+        """
         return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"step must be a non-negative integer, got {value!r}")
+        self._step = value
 
     # ------------------------------------------------------------------ optimizer events
 
@@ -346,6 +410,7 @@ class GradNormCallback:
 
         self.last_record = record
         self._write(record)
+        self.dashboard.count_logged_step(self._writer, record.step)
 
     def _gather_norms(self, norms: StepNorms | None) -> StepNorms | None:
         """Return the global batch's norms under ``DPDDP``; the local ones otherwise."""

@@ -1,4 +1,4 @@
-"""Writing records to TensorBoard: the only module that calls ``SummaryWriter``."""
+"""Writing gradient-norm records to TensorBoard."""
 
 from __future__ import annotations
 
