@@ -20,6 +20,14 @@ from .capture import BatchNorms, Capture, NormReader, select_reader
 from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard, check_privacy_options
 from .distributed import all_gather_rows, process_rank
 from .layers import parameter_names
+from .noisy_histogram import SeededGaussianNoise
+from .privacy import (
+    RAW_NORMS_WARNING,
+    Privacy,
+    PrivateRelease,
+    RawNormsWarning,
+    check_privacy_mode,
+)
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
@@ -52,6 +60,8 @@ def check_options(
     privacy_engine: Any,
     delta: Any,
     epsilon_every: Any,
+    privacy: Any,
+    histogram_noise: Any,
 ) -> None:
     """Raise ``ValueError`` or ``TypeError`` naming the first invalid option of the callback."""
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -67,6 +77,7 @@ def check_options(
     if not isinstance(per_layer, bool):
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
     check_privacy_options(privacy_engine, delta, epsilon_every)
+    check_privacy_mode(privacy, histogram_noise)
 
 
 class GradNormCallback:
@@ -75,6 +86,10 @@ class GradNormCallback:
     At every logged step the callback writes histograms of the norms before and after
     clipping, and scalars of the clipped fraction, norm quantiles, the bound C and the sample
     count. It observes only: training with and without it is bitwise identical.
+
+    With ``privacy="private"`` it releases only a noisy histogram per logged step and
+    charges that step to the privacy accountant (see :mod:`dp_grad_callbacks.privacy`), so
+    ``privacy_engine.get_epsilon(delta)`` covers the diagnostics.
 
     Args:
         writer: A ``SummaryWriter`` to write to, or a log directory, in which case the
@@ -86,16 +101,28 @@ class GradNormCallback:
         fallback: What to do at a logged step without per-sample gradients: ``"synthetic"``
             logs synthetic norms under ``<prefix>/synthetic/...`` and warns once,
             ``"raise"`` raises :class:`MissingPerSampleGradientsError`.
-        seed: Seed of the synthetic norms. The callback never uses global random state.
+        seed: Seed of the synthetic norms and of the histogram noise. The callback never
+            uses global random state. Anyone with the seed can recompute the histogram
+            noise, so publish private histograms only from runs with ``seed=None``. With
+            Opacus's ``secure_mode`` the seed must be None.
         per_layer: If True, also log each parameter's per-sample norms before and after
             clipping as ``<prefix>/layer/<name>/...`` histograms, where ``<name>`` comes from
             the model's ``named_parameters()``. :meth:`attach` then needs the module.
         privacy_engine: The ``PrivacyEngine`` that made the optimizer private. Given with
             ``delta``, the callback writes ``privacy/epsilon`` from its ``get_epsilon``.
+            With ``privacy="private"``, its accountant is the one charged, which
+            :meth:`attach` otherwise finds in the optimizer's step hook.
         delta: The delta of the logged epsilon, between 0 and 1.
         epsilon_every: Number of logged steps between ``privacy/epsilon`` scalars. The first
             logged step and the last step before :meth:`detach` always get one. Computing
             epsilon takes milliseconds (``rdp``) to a fraction of a second (``prv``).
+        privacy: ``"raw"`` logs the exact norms, which the DP guarantee does not cover, and
+            warns once at attach. ``"private"`` logs only noisy bucket counts and what
+            derives from them.
+        histogram_noise: Standard deviation of the Gaussian noise on each bucket count,
+            required with ``privacy="private"``. Larger values cost less privacy and give
+            noisier histograms; :func:`~dp_grad_callbacks.privacy.preview_epsilon` shows
+            the cost before training.
 
     Raises:
         TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path, or
@@ -133,6 +160,8 @@ class GradNormCallback:
         privacy_engine: PrivacyEngine | None = None,
         delta: float | None = None,
         epsilon_every: int = DEFAULT_EPSILON_EVERY,
+        privacy: Privacy = "raw",
+        histogram_noise: float | None = None,
     ) -> None:
         check_options(
             log_every=log_every,
@@ -144,6 +173,8 @@ class GradNormCallback:
             privacy_engine=privacy_engine,
             delta=delta,
             epsilon_every=epsilon_every,
+            privacy=privacy,
+            histogram_noise=histogram_noise,
         )
         dashboard = Dashboard(
             prefix=tag_prefix.strip("/"),
@@ -173,11 +204,21 @@ class GradNormCallback:
         self.dry_run = dry_run
         self.fallback = fallback
         self.per_layer = per_layer
+        self.privacy = privacy
+        self.histogram_noise = None if histogram_noise is None else float(histogram_noise)
         self.last_record: GradNormRecord | None = None
         self.write_failures = 0
+        self.withheld_releases = 0
         self.dashboard = dashboard
 
+        self._seed = seed
+        self._privacy_engine = privacy_engine
         self._rng = np.random.default_rng(seed)
+        self._private: PrivateRelease | None = None
+        # One noise stream per callback: two releases with the same noise would reveal the
+        # difference of their true counts, so a second attach must not restart the stream.
+        self._histogram_noise_source = SeededGaussianNoise(seed)
+        self._warned_raw = False
         self._optimizer: DPOptimizer | None = None
         self._reader: NormReader | None = None
         self._names: dict[int, str] | None = None
@@ -195,9 +236,11 @@ class GradNormCallback:
         """Start observing ``optimizer``, the ``DPOptimizer`` that ``make_private`` returned.
 
         The optimizer's ``pre_step`` and ``clip_and_accumulate`` are wrapped by instance
-        attributes, which :meth:`detach` removes again. The step hook (the privacy
-        accountant) is left alone. The run's Custom Scalars layout and a table of the DP
-        settings (Text tab) are written here.
+        attributes, which :meth:`detach` removes again. With ``privacy="raw"`` the step hook
+        (the privacy accountant) is left alone. With ``privacy="private"`` the step hook is
+        wrapped as well, so that each logged step is charged with the combined noise
+        multiplier of gradient and histogram. The run's Custom Scalars layout and a table
+        of the DP settings (Text tab) are written here.
 
         Args:
             optimizer: The optimizer that ``make_private`` returned.
@@ -210,10 +253,14 @@ class GradNormCallback:
 
         Raises:
             TypeError: If ``optimizer`` is not an Opacus ``DPOptimizer``, or ``module`` is
-                needed and missing or of the wrong type.
+                needed and missing or of the wrong type. With ``privacy="private"``, also if
+                the optimizer does not clip with one flat bound on one process (per-layer,
+                adaptive, ghost or distributed clipping).
             UnsupportedModeError: If the optimizer trains in a mode whose norms the
                 callback cannot read. The message names the mode.
-            ValueError: If ``module`` does not contain the optimizer's parameters.
+            ValueError: If ``module`` does not contain the optimizer's parameters. With
+                ``privacy="private"``, if the privacy accountant is not found or cannot
+                record the charge, or a seed is given in secure mode.
             RuntimeError: If this callback is attached or closed, or another callback is
                 attached to ``optimizer``.
         """
@@ -232,6 +279,8 @@ class GradNormCallback:
                 "or log both views from one callback"
             )
 
+        private = self._prepare_privacy(optimizer)
+        patched = _PATCHED if private is None else (*_PATCHED, "step_hook")
         reader = select_reader(optimizer, module, fast_clip=not self.dry_run)
         names = None
         if self.per_layer and not self.dry_run:
@@ -247,7 +296,7 @@ class GradNormCallback:
         self._layer_limits = {}
         original_pre_step = optimizer.pre_step
         original_clip = optimizer.clip_and_accumulate
-        self._saved = {name: optimizer.__dict__.get(name, _MISSING) for name in _PATCHED}
+        self._saved = {name: optimizer.__dict__.get(name, _MISSING) for name in patched}
 
         def pre_step(*args: Any, **kwargs: Any) -> Any:
             return self._on_pre_step(optimizer, original_pre_step, *args, **kwargs)
@@ -262,6 +311,20 @@ class GradNormCallback:
         self._names = names
         _ATTACHED[optimizer] = self
         self.dashboard.write_header(self._writer, optimizer, self._step)
+        # The step hook is wrapped after the header, which reads the sample rate and the
+        # accountant from the closure of Opacus's own hook.
+        if private is not None:
+            original_hook = optimizer.step_hook
+
+            def step_hook(hooked: DPOptimizer) -> None:
+                # _capturing is True exactly while pre_step runs for a logged step.
+                private.run_step_hook(original_hook, hooked, charge=self._capturing)
+
+            optimizer.step_hook = step_hook
+        elif not self._warned_raw:
+            warnings.warn(RAW_NORMS_WARNING, RawNormsWarning, stacklevel=2)
+            self._warned_raw = True
+        self._private = private
         return self
 
     def detach(self) -> None:
@@ -282,6 +345,7 @@ class GradNormCallback:
         self._optimizer = None
         self._reader = None
         self._names = None
+        self._private = None
         self._saved = {}
         self._reset_step_state()
 
@@ -408,6 +472,13 @@ class GradNormCallback:
             else:
                 record = build_record(self._step, norms)
 
+        if self._private is not None:
+            released = self._private.release(record)
+            if released is None:
+                self._withhold(record.step)
+                return
+            record = released
+
         self.last_record = record
         self._write(record)
         self.dashboard.count_logged_step(self._writer, record.step)
@@ -455,6 +526,16 @@ class GradNormCallback:
         after = clipped_norms(before, max_grad_norm)
         return GradNormRecord(self._step, before, after, max_grad_norm, synthetic=True)
 
+    def _withhold(self, step: int) -> None:
+        self.withheld_releases += 1
+        logger.error(
+            "did not release the gradient norms of step %d because the privacy accountant "
+            "did not record the step's charge (withheld %d so far); was optimizer.step_hook "
+            "replaced after attach()?",
+            step,
+            self.withheld_releases,
+        )
+
     def _write(self, record: GradNormRecord) -> None:
         if self._writer is None:
             return
@@ -482,6 +563,20 @@ class GradNormCallback:
             )
 
     # ------------------------------------------------------------------ helpers
+
+    def _prepare_privacy(self, optimizer: DPOptimizer) -> PrivateRelease | None:
+        """Return the private release for ``optimizer``, or None with ``privacy="raw"``."""
+        if self.privacy == "raw":
+            return None
+        assert self.histogram_noise is not None
+        return PrivateRelease.for_optimizer(
+            optimizer,
+            histogram_noise=self.histogram_noise,
+            log_every=self.log_every,
+            seed=self._seed,
+            seeded_noise=self._histogram_noise_source,
+            privacy_engine=self._privacy_engine,
+        )
 
     def _reset_step_state(self) -> None:
         self._pending: list[BatchNorms] = []

@@ -34,6 +34,14 @@ class GradNormRecord:
         layer_after: The same after clipping, by parameter name.
         layer_max_grad_norms: Each parameter's bound, by name, under per-layer clipping
             with the per-layer view on; empty otherwise.
+        noisy_counts: In a private record, the count of norms before clipping in each
+            bucket plus Gaussian noise with standard deviation ``histogram_noise``. These
+            counts are unbiased and can be negative. ``before`` and ``after`` are then
+            empty. None in a raw record.
+        bucket_limits: In a private record, the upper limit of each bucket of
+            ``noisy_counts``, from ``stats.bucket_limits(max_grad_norm)``.
+        histogram_noise: In a private record, the standard deviation of the noise on
+            each count.
     """
 
     step: int
@@ -45,10 +53,24 @@ class GradNormRecord:
     layer_before: Mapping[str, np.ndarray] = field(default_factory=dict)
     layer_after: Mapping[str, np.ndarray] = field(default_factory=dict)
     layer_max_grad_norms: Mapping[str, float] = field(default_factory=dict)
+    noisy_counts: np.ndarray | None = None
+    bucket_limits: np.ndarray | None = None
+    histogram_noise: float | None = None
+
+    @property
+    def private(self) -> bool:
+        """Whether the record contains noisy bucket counts instead of per-sample norms."""
+        return self.noisy_counts is not None
 
     @property
     def num_samples(self) -> int:
-        """Number of samples in the step."""
+        """Number of samples in the step.
+
+        In a private record, the sum of the noisy counts with negative counts set to zero,
+        rounded to the nearest integer.
+        """
+        if self.noisy_counts is not None:
+            return int(round(float(np.maximum(self.noisy_counts, 0.0).sum())))
         return int(self.before.size)
 
     @property

@@ -7,6 +7,13 @@ from collections.abc import Mapping
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from .noisy_histogram import (
+    after_clipping_counts,
+    clip_negative_counts,
+    count_quantiles,
+    fraction_at_or_above,
+    summarize_counts,
+)
 from .record import GradNormRecord
 from .stats import bucket_counts, norm_quantiles
 
@@ -60,8 +67,12 @@ def write_record(
     ``root/before_clipping`` and ``root/after_clipping`` histograms, and the scalars
     ``root/clipped_fraction``, ``root/median``, ``root/p90``, ``root/max`` (all of the norms
     before clipping), ``root/max_grad_norm`` and ``root/samples``. A step without samples
-    writes only ``samples`` and ``max_grad_norm``.
+    writes only ``samples`` and ``max_grad_norm``. A private record goes to
+    :func:`write_noisy_record`.
     """
+    if record.private:
+        write_noisy_record(writer, record, prefix=prefix)
+        return
     root = tag_root(prefix, record.synthetic)
     step = record.step
     before = record.before
@@ -87,3 +98,65 @@ def write_record(
         write_histogram(
             writer, f"{layer_root}/after_clipping", record.layer_after[name], name_limits, step
         )
+
+
+def write_noisy_record(writer: SummaryWriter, record: GradNormRecord, *, prefix: str) -> None:
+    """Write a private record: every value derives from its noisy counts alone.
+
+    The tags are those of :func:`write_record`, plus the scalar ``root/histogram_noise``.
+    Negative counts are set to zero first, and ``samples`` is the sum of the counts. The
+    after-clipping histogram moves the counts at or above C into the bucket that ends at C,
+    and ``clipped_fraction`` is the share of counts at or above C. ``median``, ``p90`` and
+    ``max`` are estimated from the buckets (see ``noisy_histogram``). A step whose counts
+    are all zero writes only ``samples``, ``max_grad_norm`` and ``histogram_noise``.
+    """
+    assert record.noisy_counts is not None and record.bucket_limits is not None
+    root = tag_root(prefix, record.synthetic)
+    step = record.step
+    limits = record.bucket_limits
+    before = clip_negative_counts(record.noisy_counts)
+    total = float(before.sum())
+
+    writer.add_scalar(f"{root}/samples", total, step)
+    writer.add_scalar(f"{root}/max_grad_norm", record.max_grad_norm, step)
+    writer.add_scalar(f"{root}/histogram_noise", record.histogram_noise, step)
+    if total <= 0:
+        return
+
+    median, p90, maximum = count_quantiles(before, limits, (0.5, 0.9, 1.0))
+    fraction = fraction_at_or_above(before, limits, record.max_grad_norm)
+    writer.add_scalar(f"{root}/clipped_fraction", fraction, step)
+    writer.add_scalar(f"{root}/median", median, step)
+    writer.add_scalar(f"{root}/p90", p90, step)
+    writer.add_scalar(f"{root}/max", maximum, step)
+    after = after_clipping_counts(before, limits, record.max_grad_norm)
+    write_counts_histogram(writer, f"{root}/before_clipping", before, limits, step)
+    write_counts_histogram(writer, f"{root}/after_clipping", after, limits, step)
+
+
+def write_counts_histogram(
+    writer: SummaryWriter, tag: str, counts: np.ndarray, limits: np.ndarray, step: int
+) -> None:
+    """Write a histogram given by non-negative bucket counts; nothing when all are zero.
+
+    Min, max, sum and sum of squares are estimated from the buckets, with every value at
+    its bucket's midpoint (``noisy_histogram.summarize_counts``). Empty buckets at both
+    ends are dropped as in :func:`write_histogram`.
+    """
+    summary = summarize_counts(counts, limits)
+    if summary is None:
+        return
+    nonzero = np.flatnonzero(counts > 0)
+    first = max(int(nonzero[0]) - 1, 0)
+    last = min(int(nonzero[-1]) + 2, len(counts))
+    writer.add_histogram_raw(
+        tag,
+        min=summary.min,
+        max=summary.max,
+        num=summary.num,
+        sum=summary.sum,
+        sum_squares=summary.sum_squares,
+        bucket_limits=limits[first:last].tolist(),
+        bucket_counts=counts[first:last].tolist(),
+        global_step=step,
+    )
