@@ -92,11 +92,11 @@ def test_fraction_at_or_above_counts_buckets_from_c():
     counts = np.zeros(52)
     counts[[10, 30, 31, 51]] = [1.0, 2.0, 3.0, 2.0]
 
-    # Bucket 30 ends at C and holds norms below it; 31 and 51 start at or above C.
+    # Bucket 30 ends at C and contains norms below it; 31 and 51 start at or above C.
     assert fraction_at_or_above(counts, LIMITS, 1.0) == pytest.approx(5.0 / 8.0)
 
 
-def test_fraction_at_or_above_of_zero_counts_is_nan():
+def test_zero_counts_fraction_is_nan():
     assert math.isnan(fraction_at_or_above(np.zeros(52), LIMITS, 1.0))
 
 
@@ -186,7 +186,7 @@ def test_secure_noise_is_unbiased_with_configured_std():
     assert errors.std() == pytest.approx(std, abs=6 * std / math.sqrt(2 * size))
 
 
-def test_seeded_noise_reproducible_and_apart_from_seed_stream():
+def test_seeded_noise_reproducible_and_separate():
     first = SeededGaussianNoise(seed=3).draw(1.0, 52)
     again = SeededGaussianNoise(seed=3).draw(1.0, 52)
     plain = np.random.default_rng(3).normal(0.0, 1.0, 52)

@@ -120,7 +120,7 @@ def test_only_logged_steps_charged(tmp_path, mechanism):
     assert [s.step for s in events.Scalars("grad_norm/samples")] == [0, 3, 6, 9]
 
 
-def test_grouped_history_has_epsilon_of_step_by_step_history(tmp_path):
+def test_grouped_history_keeps_epsilon(tmp_path):
     private = make_private()
     accountant = use_accountant(private, "rdp")
     callback = private_callback(tmp_path, private, log_every=3)
@@ -628,7 +628,7 @@ def test_wrapped_hook_needs_privacy_engine(tmp_path):
 
     z_eff = combined_noise_multiplier(1.0, NOISE)
     assert private.engine.accountant.history == [(z_eff, 0.25, 4)]
-    assert calls == [z_eff] * 4  # the hook sees z_eff while it charges a logged step
+    assert calls == [z_eff] * 4  # the hook reads z_eff while it charges a logged step
     assert callback.withheld_releases == 0
 
 
