@@ -292,7 +292,8 @@ class PrivateRelease:
             if seed is not None:
                 raise ValueError(
                     f"seed must be None when the optimizer uses secure_mode, got {seed!r}: "
-                    "secure histogram noise comes from the operating system and cannot be seeded"
+                    "secure histogram noise comes from the operating system and cannot be "
+                    "seeded"
                 )
             noise = SecureGaussianNoise()
         else:
@@ -332,9 +333,9 @@ class PrivateRelease:
     def release(self, record: GradNormRecord) -> GradNormRecord | None:
         """Return the noisy release of ``record``, or None if its step was not charged.
 
-        The released record keeps ``step``, ``max_grad_norm`` and ``synthetic``, and
-        replaces the per-sample arrays with empty ones and the noisy bucket counts. The
-        bucket limits are ``stats.bucket_limits(record.max_grad_norm)``.
+        The released record keeps ``step``, ``max_grad_norm`` and ``synthetic``. Its
+        per-sample arrays are empty, and it carries instead the noisy counts over the
+        buckets of ``stats.bucket_limits(record.max_grad_norm)``.
         """
         if not self._charged:
             return None
