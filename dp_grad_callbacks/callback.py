@@ -530,8 +530,9 @@ class GradNormCallback:
         self.withheld_releases += 1
         logger.error(
             "did not release the gradient norms of step %d because the privacy accountant "
-            "did not record the step's charge (withheld %d so far); was optimizer.step_hook "
-            "replaced after attach()?",
+            "did not record the step's charge (withheld %d so far). Either the step had no "
+            "trainable parameters, so Opacus charged nothing, or optimizer.step_hook was "
+            "replaced after attach().",
             step,
             self.withheld_releases,
         )

@@ -747,3 +747,20 @@ def test_private_does_not_warn_raw(tmp_path):
 def test_invalid_privacy_option_raises(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         GradNormCallback(tmp_path, **options)
+
+
+def test_step_without_trainable_parameters_withheld(tmp_path, caplog):
+    private = make_private()
+    for parameter in private.model.parameters():
+        parameter.requires_grad_(False)
+    callback = private_callback(tmp_path, private)
+
+    with caplog.at_level(logging.ERROR, logger="dp_grad_callbacks.callback"):
+        with pytest.warns(RuntimeWarning, match="synthetic"):
+            private.optimizer.step()
+    callback.close()
+
+    assert callback.withheld_releases == 1
+    assert "no trainable parameters" in caplog.text
+    assert private.engine.accountant.history == []
+    assert read_events(tmp_path).Tags()["scalars"] == []
