@@ -78,6 +78,11 @@ def check_options(
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
     check_privacy_options(privacy_engine, delta, epsilon_every)
     check_privacy_mode(privacy, histogram_noise)
+    if per_layer and privacy == "private":
+        raise ValueError(
+            "per_layer must be False with privacy='private', got True: the per-layer "
+            "histograms are raw per-sample norms"
+        )
 
 
 class GradNormCallback:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .noisy_histogram import clip_negative_counts, fraction_at_or_above
 from .stats import clipped_fraction
 
 
@@ -75,7 +76,14 @@ class GradNormRecord:
 
     @property
     def clipped_fraction(self) -> float:
-        """Fraction of samples whose norm exceeded its bound, or NaN for an empty step."""
+        """Fraction of samples whose norm exceeded its bound, or NaN for an empty step.
+
+        In a private record, the share of the noisy counts at or above C, with negative
+        counts set to zero.
+        """
+        if self.noisy_counts is not None and self.bucket_limits is not None:
+            counts = clip_negative_counts(self.noisy_counts)
+            return fraction_at_or_above(counts, self.bucket_limits, self.max_grad_norm)
         if self.clipped is None:
             return clipped_fraction(self.before, self.max_grad_norm)
         if self.clipped.size == 0:

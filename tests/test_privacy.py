@@ -332,7 +332,9 @@ def test_private_record_holds_no_per_sample_values(tmp_path):
     assert isinstance(record, GradNormRecord)
     assert record.before.size == 0
     assert record.after.size == 0
-    assert record.num_samples == round(float(np.maximum(record.noisy_counts, 0).sum()))
+    counts = np.maximum(record.noisy_counts, 0)
+    assert record.num_samples == round(float(counts.sum()))
+    assert record.clipped_fraction == pytest.approx(counts[31:].sum() / counts.sum())
     with pytest.raises(ValueError):
         record.before[...] = 1.0  # the empty arrays are read-only
 
@@ -747,6 +749,11 @@ def test_private_does_not_warn_raw(tmp_path):
 def test_invalid_privacy_option_raises(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         GradNormCallback(tmp_path, **options)
+
+
+def test_private_rejects_per_layer_view(tmp_path):
+    with pytest.raises(ValueError, match="per_layer must be False with privacy='private'"):
+        GradNormCallback(tmp_path, per_layer=True, privacy="private", histogram_noise=NOISE)
 
 
 def test_step_without_trainable_parameters_withheld(tmp_path, caplog):
