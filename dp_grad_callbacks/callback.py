@@ -60,8 +60,8 @@ def check_options(
     privacy_engine: Any,
     delta: Any,
     epsilon_every: Any,
-    privacy: Any,
-    histogram_noise: Any,
+    privacy: Any = "raw",
+    histogram_noise: Any = None,
 ) -> None:
     """Raise ``ValueError`` or ``TypeError`` naming the first invalid option of the callback."""
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -187,6 +187,7 @@ class GradNormCallback:
             privacy_engine=privacy_engine,
             delta=delta,
             epsilon_every=epsilon_every,
+            histogram_noise=histogram_noise if privacy == "private" else None,
         )
         if not isinstance(writer, (SummaryWriter, str, os.PathLike)):
             raise TypeError(

@@ -104,8 +104,12 @@ def dp_settings(
     *,
     privacy_engine: PrivacyEngine | None = None,
     delta: float | None = None,
+    histogram_noise: float | None = None,
 ) -> dict[str, str]:
     """Describe the DP settings of ``optimizer`` as ordered ``{setting: value}`` rows.
+
+    ``histogram_noise``, given for private diagnostics, adds a row with the noise on each
+    bucket count.
 
     The sample rate and the accountant come from the accountant's step hook that
     ``make_private`` installs (opacus 1.6), so they are found without the ``PrivacyEngine``.
@@ -137,6 +141,10 @@ def dp_settings(
     }
     if delta is not None:
         rows["Delta"] = f"{delta:g}"
+    if histogram_noise is not None:
+        rows["Histogram noise (private diagnostics)"] = (
+            f"std {histogram_noise:g} on each bucket count, charged to the accountant"
+        )
     return rows
 
 
@@ -208,6 +216,7 @@ class Dashboard:
         privacy_engine: The ``PrivacyEngine`` whose ``get_epsilon`` gives epsilon, or None.
         delta: The delta of epsilon; given exactly when ``privacy_engine`` is.
         epsilon_every: Number of logged steps between epsilon scalars.
+        histogram_noise: The noise on each bucket count with private diagnostics, or None.
     """
 
     def __init__(
@@ -218,6 +227,7 @@ class Dashboard:
         privacy_engine: PrivacyEngine | None,
         delta: float | None,
         epsilon_every: int,
+        histogram_noise: float | None = None,
     ) -> None:
         check_privacy_options(privacy_engine, delta, epsilon_every)
         self.prefix = prefix
@@ -225,6 +235,7 @@ class Dashboard:
         self.privacy_engine = privacy_engine
         self.delta = delta
         self.epsilon_every = epsilon_every
+        self.histogram_noise = histogram_noise
         self.failures = 0
         self._logged_steps = 0
         self._last_epsilon_step: int | None = None
@@ -239,7 +250,12 @@ class Dashboard:
         )
         for category, charts in new_layout.items():
             layout.setdefault(category, {}).update(charts)
-        settings = dp_settings(optimizer, privacy_engine=self.privacy_engine, delta=self.delta)
+        settings = dp_settings(
+            optimizer,
+            privacy_engine=self.privacy_engine,
+            delta=self.delta,
+            histogram_noise=self.histogram_noise,
+        )
         try:
             writer.add_custom_scalars(layout)
             writer.add_text(f"{self.prefix}/dp_settings", settings_markdown(settings), step)

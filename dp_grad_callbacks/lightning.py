@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from .callback import Fallback, GradNormCallback, check_options
 from .dashboard import DEFAULT_EPSILON_EVERY
+from .privacy import Privacy
 
 _INSTALL_HINT = "pip install 'dp-grad-callbacks[lightning]'"
 
@@ -83,6 +84,9 @@ class GradNormMonitor(Callback):
             ``privacy/epsilon``.
         delta: The delta of the ``privacy/epsilon`` scalar, between 0 and 1.
         epsilon_every: Number of logged steps between ``privacy/epsilon`` scalars.
+        privacy: ``"raw"`` or ``"private"``; see :class:`~dp_grad_callbacks.GradNormCallback`.
+        histogram_noise: Standard deviation of the noise on each bucket count, required
+            with ``privacy="private"``.
 
     Raises:
         TypeError: If ``log_dir`` is not a path or ``privacy_engine`` not a ``PrivacyEngine``.
@@ -112,6 +116,8 @@ class GradNormMonitor(Callback):
         privacy_engine: PrivacyEngine | None = None,
         delta: float | None = None,
         epsilon_every: int = DEFAULT_EPSILON_EVERY,
+        privacy: Privacy = "raw",
+        histogram_noise: float | None = None,
     ) -> None:
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
@@ -125,6 +131,8 @@ class GradNormMonitor(Callback):
             "privacy_engine": privacy_engine,
             "delta": delta,
             "epsilon_every": epsilon_every,
+            "privacy": privacy,
+            "histogram_noise": histogram_noise,
         }
         check_options(**self._options)
 

@@ -771,3 +771,20 @@ def test_step_without_trainable_parameters_withheld(tmp_path, caplog):
     assert "no trainable parameters" in caplog.text
     assert private.engine.accountant.history == []
     assert read_events(tmp_path).Tags()["scalars"] == []
+
+
+def test_settings_text_names_histogram_noise(tmp_path):
+    private = make_private()
+    callback = private_callback(tmp_path, private)
+    callback.close()
+
+    events = read_events(tmp_path)
+    text = events.Tensors("grad_norm/dp_settings/text_summary")[-1].tensor_proto.string_val[0]
+    rows = dict(line.strip("|").split(" | ", 1) for line in text.decode().splitlines()[2:])
+    rows = {name.strip(): value.strip() for name, value in rows.items()}
+    assert rows["Histogram noise (private diagnostics)"] == (
+        "std 2 on each bucket count, charged to the accountant"
+    )
+    # The header is written before the step hook is wrapped, so the accountant is found.
+    assert rows["Accountant"] == "prv"
+    assert rows["Sample rate"] == "0.25"
