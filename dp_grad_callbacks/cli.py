@@ -125,11 +125,11 @@ def _add_dry_run(subparsers: Any) -> None:
         help="clipping bound C, in gradient-norm units (default: %(default)s)",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=256,
+        "--batch-size", type=_positive_int, default=256, metavar="N",
         help="samples per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=1000,
+        "--steps", type=_positive_int, default=1000, metavar="N",
         help="number of simulated optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
@@ -137,11 +137,11 @@ def _add_dry_run(subparsers: Any) -> None:
         help="steps between logged steps; step 0 is always logged (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=_non_negative_int, default=None,
+        "--seed", type=_non_negative_int, default=None, metavar="N",
         help="seed of the synthetic norms (default: fresh entropy, a different run each time)",
     )
     parser.add_argument(
-        "--tag-prefix", default="grad_norm",
+        "--tag-prefix", default="grad_norm", metavar="PREFIX",
         help="prefix of the gradient-norm tags (default: %(default)s)",
     )
 
