@@ -210,7 +210,7 @@ def _run_dry_run(args: argparse.Namespace) -> int:
             progress=True,
         )
     except OSError as error:
-        raise OSError(f"cannot write the log directory {args.logdir}: {_reason(error)}") from error
+        raise OSError(f"failed to write the log directory {args.logdir}: {_reason(error)}") from error
 
     print(
         f"wrote {args.steps} steps of synthetic gradient norms ({result.logged_steps} logged) "
@@ -382,14 +382,14 @@ def _run_plot(args: argparse.Namespace) -> int:
     )
     steps = args.steps
     if steps is None and not series.steps_with_samples:
-        raise RunReadError(f"no logged step with samples in {series.label}; nothing to plot")
+        raise RunReadError(f"no logged step with samples in {series.label}, so nothing to plot")
     try:
         plot_series(series, args.out, steps=steps, dpi=args.dpi)
     except OSError as error:
-        raise OSError(f"cannot write {args.out}: {_reason(error)}") from error
+        raise OSError(f"failed to write {args.out}: {_reason(error)}") from error
 
-    shown = steps if steps is not None else series.steps_with_samples[-1:]
-    print(f"wrote {args.out} ({series.label}, steps {describe_steps(shown)})")
+    drawn_steps = steps if steps is not None else series.steps_with_samples[-1:]
+    print(f"wrote {args.out} ({series.label}, steps {describe_steps(drawn_steps)})")
     return EXIT_OK
 
 
@@ -437,7 +437,7 @@ def _run_export(args: argparse.Namespace) -> int:
     try:
         args.out.write_text(text + "\n", encoding="utf-8")
     except OSError as error:
-        raise OSError(f"cannot write {args.out}: {_reason(error)}") from error
+        raise OSError(f"failed to write {args.out}: {_reason(error)}") from error
     print(f"wrote {args.out} ({series.label}, step {step})", file=sys.stderr)
     return EXIT_OK
 

@@ -29,9 +29,10 @@ def plot_series(
     """Draw the histograms of ``steps`` above the clipped fraction and norm quantiles.
 
     The top panel shows the before- and after-clipping histograms of each chosen step on
-    one logarithmic norm axis, as the share of the step's samples in each bucket, with C
-    marked. The panels below show the clipped fraction, then the median and p90 norms and
-    C, over all logged steps. The file format follows the suffix of ``out``.
+    one logarithmic norm axis, as the share of the step's samples per decade of norm, with
+    C marked. The panels below show the clipped fraction, then the median and p90 norms and
+    C on a logarithmic axis, over all logged steps. The file format follows the suffix of
+    ``out``.
 
     Args:
         series: The run and tag root to draw.
@@ -53,7 +54,7 @@ def plot_series(
 
     figure = figure_class(figsize=(8, 9), dpi=dpi, layout="constrained")
     histogram_axes, fraction_axes, norm_axes = figure.subplots(3, 1, height_ratios=(3, 1.4, 2))
-    kind = "synthetic norms" if series.synthetic else "norms"
+    kind = "synthetic norms" if series.synthetic else "real norms"
     figure.suptitle(f"{series.path}: {series.tag_root} ({kind})")
 
     _draw_histograms(histogram_axes, series, steps)
@@ -69,7 +70,7 @@ def _import_figure() -> Any:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ModuleNotFoundError(
-            f"plotting needs matplotlib, which is not installed; install it with: {INSTALL_HINT}"
+            f"plotting needs matplotlib, which is not installed. Install it with: {INSTALL_HINT}"
         ) from error
     return Figure
 
@@ -86,10 +87,21 @@ def _draw_histograms(axes: Any, series: NormSeries, steps: Sequence[int]) -> Non
             if histogram is None or histogram.num <= 0:
                 continue
             lower, upper = bucket_edges(histogram)
-            shares = np.asarray(histogram.bucket, dtype=np.float64) / histogram.num
+            if lower[0] <= 0:
+                # A zero norm has no place on a log axis, so its bucket is drawn one
+                # decade wide below its upper limit instead.
+                lower[0] = upper[0] / 10
+            # Share per decade, so that on the log axis each bar's area is its share of
+            # samples, also for the open outer buckets that span several decades.
+            decades = np.log10(upper / lower)
+            shares = np.asarray(histogram.bucket, dtype=np.float64) / histogram.num / decades
             edges = np.append(lower, upper[-1])
             label = f"{name.replace('_', ' ')}, step {step}"
-            axes.stairs(shares, edges, color=_COLOURS[name], linestyle=style, label=label)
+            # Below C both histograms coincide, so the norms before clipping are a filled
+            # area and those after clipping a line over it.
+            filled = name == "before_clipping"
+            axes.stairs(shares, edges, color=_COLOURS[name], linestyle=style, label=label,
+                        fill=filled, alpha=0.35 if filled else 1.0)
 
     for bound in sorted({bounds[step] for step in steps if step in bounds}):
         axes.axvline(bound, color="black", linewidth=1, linestyle="--")
@@ -103,7 +115,7 @@ def _draw_histograms(axes: Any, series: NormSeries, steps: Sequence[int]) -> Non
 
     axes.set_xscale("log")
     axes.set_xlabel("per-sample gradient norm")
-    axes.set_ylabel("share of samples per bucket")
+    axes.set_ylabel("share of samples per decade")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="upper left")
     else:
@@ -128,6 +140,7 @@ def _draw_quantiles(axes: Any, series: NormSeries) -> None:
         style = "--" if name == "max_grad_norm" else "-"
         axes.plot(steps, [values[step] for step in steps], color=colour, linestyle=style,
                   label=label)
+    axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("norm before clipping")
     axes.legend(loc="best")

@@ -1,8 +1,8 @@
 """Read gradient-norm runs back from TensorBoard event files, with TensorBoard's own reader.
 
 A run is a directory under the log directory that directly contains event files, as
-TensorBoard defines it; its name is the path relative to the log directory (``.`` for the
-log directory itself). Inside a run, a tag root is a prefix ``R`` with the scalars
+TensorBoard defines it. Its name is the path relative to the log directory, and ``.`` for
+the log directory itself. Inside a run, a tag root is a prefix ``R`` with the scalars
 ``R/samples`` and ``R/max_grad_norm``, which every logged step writes, for example
 ``grad_norm`` or ``grad_norm/synthetic``.
 """
@@ -34,7 +34,7 @@ HISTOGRAM_NAMES = ("before_clipping", "after_clipping")
 
 
 class RunReadError(Exception):
-    """A log directory, run, tag root or step that is missing or holds no gradient norms."""
+    """A log directory, run, tag root or step that is missing or contains no gradient norms."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class RunSummary:
         p90: 90th percentile of the norms before clipping.
         max_grad_norm: The clipping bound C.
         suggested_max_grad_norm: Median of the per-step median norms over the last
-            ``suggestion_steps`` logged steps with samples; None for synthetic norms, which
-            are drawn relative to C and say nothing about the model.
+            ``suggestion_steps`` logged steps with samples. None for synthetic norms,
+            because they are drawn relative to C and do not depend on the model.
         suggestion_steps: Number of steps behind the suggestion.
     """
 
@@ -91,7 +91,7 @@ class NormSeries:
 
     @property
     def synthetic(self) -> bool:
-        """Whether the tag root holds synthetic norms (``.../synthetic``)."""
+        """Whether the tag root contains synthetic norms (``.../synthetic``)."""
         return self.tag_root.rsplit("/", 1)[-1] == SYNTHETIC
 
     @property
@@ -130,7 +130,7 @@ class NormSeries:
         """Raise :class:`RunReadError` unless ``step`` is a logged step of this series."""
         if step not in set(self.logged_steps):
             raise RunReadError(
-                f"step {step} not found in {self.label}; logged steps: "
+                f"step {step} not found in {self.label}. Logged steps: "
                 f"{describe_steps(self.logged_steps)}"
             )
 
@@ -204,7 +204,7 @@ def find_runs(logdir: str | os.PathLike[str]) -> dict[str, str]:
         os.path.relpath(path, logdir): path for path in io_wrapper.GetLogdirSubdirectories(logdir)
     }
     if not runs:
-        raise RunReadError(f"no TensorBoard event files under {logdir}")
+        raise RunReadError(f"no TensorBoard event files found under {logdir}")
     return dict(sorted(runs.items()))
 
 
@@ -222,7 +222,7 @@ def load_norm_series(
 
     Raises:
         FileNotFoundError, NotADirectoryError: If ``logdir`` is missing or not a directory.
-        RunReadError: If there are no event files, ``run`` is not a run, or no run holds
+        RunReadError: If there are no event files, ``run`` is not a run, or no run contains
             gradient-norm tags.
     """
     runs = find_runs(logdir)
@@ -230,7 +230,7 @@ def load_norm_series(
         normalized = os.path.normpath(run)
         if normalized not in runs:
             raise RunReadError(
-                f"run {run!r} not found under {os.fspath(logdir)}; runs: {', '.join(runs)}"
+                f"run {run!r} not found under {os.fspath(logdir)}. Runs: {', '.join(runs)}"
             )
         runs = {normalized: runs[normalized]}
 
@@ -244,9 +244,9 @@ def load_norm_series(
 
     if not series:
         raise RunReadError(
-            f"no gradient-norm tags (<prefix>/samples and <prefix>/max_grad_norm) in "
+            f"no gradient-norm tags (<prefix>/samples and <prefix>/max_grad_norm) found in "
             f"{'run ' + repr(run) if run is not None else 'any run'} under "
-            f"{os.fspath(logdir)}; runs: {', '.join(runs)}"
+            f"{os.fspath(logdir)}. Runs: {', '.join(runs)}"
         )
     return series
 
@@ -270,9 +270,9 @@ def select_series(
 
     choices = ", ".join(item.label for item in series)
     if not matches:
-        raise RunReadError(f"no gradient-norm series matches; series (run:tag root): {choices}")
+        raise RunReadError(f"no gradient-norm series matches. Series (run:tag root): {choices}")
     raise RunReadError(
-        f"{len(matches)} gradient-norm series match; choose one with --run and --tag-root "
+        f"{len(matches)} gradient-norm series match. Choose one with --run and --tag-root "
         f"from (run:tag root): {', '.join(item.label for item in matches)}"
     )
 

@@ -119,7 +119,7 @@ def test_dry_run_norms_follow_lognormal_options(dry, logdir):
     p90s = np.array([e.value for e in events.Scalars("grad_norm/synthetic/p90")])
     after = events.Histograms("grad_norm/synthetic/after_clipping")
 
-    # Median 0.4 C with C = 2; p90 / median = exp(z_0.9 * sigma) with sigma = 0.5.
+    # The median is 0.4 C with C = 2, and p90 / median = exp(z_0.9 * sigma) with sigma = 0.5.
     assert medians == pytest.approx(0.8, rel=0.05)
     assert p90s / medians == pytest.approx(math.exp(1.2815516 * 0.5), rel=0.05)
     assert max(e.histogram_value.max for e in after) <= 2.0 * (1 + 1e-6)
@@ -379,12 +379,12 @@ def assert_one_line_error(stderr: str, message: str) -> None:
     ("make_args", "message"),
     [
         (lambda tmp, logdir: ("summary", tmp / "missing"), "log directory not found: {tmp}/missing"),
-        (lambda tmp, logdir: ("summary", tmp), "no TensorBoard event files under {tmp}"),
+        (lambda tmp, logdir: ("summary", tmp), "no TensorBoard event files found under {tmp}"),
         (lambda tmp, logdir: ("summary", no_norm_tags(tmp)), "no gradient-norm tags"),
         (lambda tmp, logdir: ("export", logdir, "--run", "real", "--step", "999"),
-         "step 999 not found in real:grad_norm; logged steps: 0, 1, 2, 3"),
+         "step 999 not found in real:grad_norm. Logged steps: 0, 1, 2, 3"),
         (lambda tmp, logdir: ("plot", logdir, "--run", "real", "--out", file_in_the_way(tmp) / "p.png"),
-         "cannot write {tmp}/blocker/sub/p.png: Not a directory"),
+         "failed to write {tmp}/blocker/sub/p.png: Not a directory"),
     ],
     ids=["missing-logdir", "empty-logdir", "no-norm-tags", "unknown-step", "unwritable-output"],
 )
@@ -418,12 +418,12 @@ def test_usage_error_exits_2_with_one_line(args, message):
         (lambda tmp, logdir: ("plot", logdir, "--run", "real", "--step", "7", "--out", tmp / "p.png"),
          "step 7 not found"),
         (lambda tmp, logdir: ("plot", logdir, "--out", tmp / "p.png"),
-         "choose one with --run and --tag-root"),
+         "Choose one with --run and --tag-root"),
         (lambda tmp, logdir: ("export", logdir, "--run", "nothing"), "run 'nothing' not found"),
         (lambda tmp, logdir: ("export", logdir, "--run", "real", "--out", file_in_the_way(tmp) / "p.json"),
-         "cannot write {tmp}/blocker/sub/p.json: Not a directory"),
+         "failed to write {tmp}/blocker/sub/p.json: Not a directory"),
         (lambda tmp, logdir: ("dry-run", "--steps", "2", "--logdir", file_in_the_way(tmp)),
-         "cannot write the log directory {tmp}/blocker/sub: Not a directory"),
+         "failed to write the log directory {tmp}/blocker/sub: Not a directory"),
         (lambda tmp, logdir: ("summary", file_in_the_way(tmp).parent),
          "log directory is not a directory: {tmp}/blocker"),
     ],
@@ -482,7 +482,7 @@ def test_help_exits_0_with_units():
     assert "Exit status: 0 on success, 2 for an invalid command line" in text
 
 
-def test_every_option_help_states_default_or_requirement():
+def test_option_help_states_default():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
 

@@ -58,7 +58,7 @@ def test_bucket_edges_open_last_bucket_uses_max():
     assert upper[-1] == 30.0
 
 
-def test_bucket_edges_open_last_bucket_at_least_neighbour_width():
+def test_open_last_bucket_minimum_width():
     value = histogram([1.0, 2.0, 4.0, LAST_BUCKET_LIMIT], [0, 1, 1, 2], low=1.5, high=4.5)
 
     _, upper = bucket_edges(value)
@@ -144,7 +144,7 @@ def test_load_norm_series_ignores_histogram_only_roots(tmp_path):
     assert [item.tag_root for item in series] == ["grad_norm"]
 
 
-def test_summarize_empty_last_step_uses_last_step_with_samples(tmp_path):
+def test_summary_skips_empty_last_step(tmp_path):
     write_run(tmp_path, [real_record(0, [0.5, 2.0, 3.0]), real_record(1, [])])
 
     summary = load_norm_series(tmp_path)[0].summarize()
@@ -180,5 +180,5 @@ def test_gradient_info_unknown_step_lists_steps(tmp_path):
     write_run(tmp_path, [real_record(0, [0.5]), real_record(4, [0.7])])
     series = load_norm_series(tmp_path)[0]
 
-    with pytest.raises(RunReadError, match="step 3 not found.*logged steps: 0, 4"):
+    with pytest.raises(RunReadError, match="step 3 not found.*Logged steps: 0, 4"):
         series.gradient_info(3)
