@@ -68,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
         except Exception as error:  # noqa: BLE001 - one line instead of a traceback
-            _print_error(args, f"unexpected {type(error).__name__}: {error}")
-            if not args.traceback:
-                print(f"{PROG}: rerun with --traceback for details", file=sys.stderr)
+            hint = "" if args.traceback else " (rerun with --traceback for details)"
+            _print_error(args, f"unexpected {type(error).__name__}: {error}{hint}")
     return EXIT_FAILURE
 
 
@@ -298,8 +297,9 @@ def _run_summary(args: argparse.Namespace) -> int:
     note = (
         f"suggested C: the median of the per-step median norms over the last "
         f"{args.recent_steps} logged steps with samples. It is a suggestion, not a tuned "
-        "value. Adaptive clipping (Andrew et al., 2021) targets the same quantile. Synthetic "
-        "norms get no suggestion, because they are drawn relative to C."
+        "value. Adaptive clipping (Andrew et al., 2021) found the median norm to work well "
+        "as a clipping bound. Synthetic norms get no suggestion, because they are drawn "
+        "relative to C."
     )
     print(textwrap.fill(note, width=88))
     return EXIT_OK

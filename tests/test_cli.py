@@ -430,7 +430,7 @@ def test_usage_error_exits_2_with_one_line(args, message):
     ids=["plot-unknown-step", "ambiguous-series", "unknown-run", "export-unwritable",
          "dry-run-unwritable", "logdir-is-file"],
 )
-def test_more_failures_exit_1(real, logdir, tmp_path, capsys, make_args, message):
+def test_more_failures_exit_1(dry, real, logdir, tmp_path, capsys, make_args, message):
     status, stderr = run_in_process(make_args(tmp_path, logdir), capsys)
 
     assert status == 1
@@ -468,6 +468,22 @@ def test_more_usage_errors_exit_2(capsys, args, message):
 
     assert status == 2
     assert_one_line_error(stderr, message)
+
+
+def test_unexpected_error_one_line_or_traceback(monkeypatch, capsys, tmp_path):
+    def fail(*args, **kwargs):
+        raise RuntimeError("reader broke")
+
+    monkeypatch.setattr("dp_grad_callbacks.cli.load_norm_series", fail)
+
+    status, stderr = run_in_process(("summary", tmp_path), capsys)
+    assert status == 1
+    assert_one_line_error(stderr, "unexpected RuntimeError: reader broke (rerun with --traceback")
+
+    status, stderr = run_in_process(("--traceback", "summary", tmp_path), capsys)
+    assert status == 1
+    assert "Traceback (most recent call last)" in stderr
+    assert "RuntimeError: reader broke" in stderr
 
 
 # ---------------------------------------------------------------------- help and packaging
