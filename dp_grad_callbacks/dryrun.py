@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import DEFAULT_MEDIAN_RATIO, DEFAULT_SIGMA, sample_gradient_norms
-from .dashboard import EPSILON_TAG
+from .dashboard import EPSILON_TAG, custom_scalar_layout, settings_markdown
 from .tensorboard import write_record
 
 AccountantName = Literal["rdp", "prv", "gdp"]
@@ -173,10 +173,11 @@ def dry_run(
 ) -> DryRunResult:
     """Write synthetic gradient norms of a simulated run, and its epsilon per step, to TensorBoard.
 
-    Every logged step gets the histograms and scalars that the callback writes in dry-run
-    mode, under ``<tag_prefix>/synthetic/``, for ``batch_size`` log-normal norms. With
-    ``privacy``, the scalar ``privacy/epsilon`` at step ``s`` is the budget spent after
-    ``s + 1`` steps.
+    The run gets what the callback writes in dry-run mode: the Custom Scalars layout and the
+    settings table ``<tag_prefix>/dp_settings`` at step 0, then at every logged step the
+    histograms and scalars of ``batch_size`` log-normal norms under
+    ``<tag_prefix>/synthetic/``. With ``privacy``, the scalar ``privacy/epsilon`` at step
+    ``s`` is the budget spent after ``s + 1`` steps.
 
     Args:
         logdir: Directory of the run's event files; created if missing.
@@ -218,11 +219,17 @@ def dry_run(
         every = privacy.epsilon_every or default_epsilon_every(privacy.accountant, steps)
         epsilon_at = set(epsilon_steps(steps, every))
 
+    prefix = tag_prefix.strip("/")
+    settings = _settings_rows(max_grad_norm, batch_size, median_ratio, sigma, privacy)
     rng = np.random.default_rng(seed)
     logged = 0
     epsilon = None
     writer = SummaryWriter(log_dir=os.fspath(logdir), max_queue=_WRITER_QUEUE)
     try:
+        writer.add_custom_scalars(
+            custom_scalar_layout(prefix, synthetic=True, epsilon=privacy is not None)
+        )
+        writer.add_text(f"{prefix}/dp_settings", settings_markdown(settings), 0)
         for step in _progress(range(steps), enabled=progress):
             if step % log_every == 0:
                 before = sample_gradient_norms(
@@ -230,7 +237,7 @@ def dry_run(
                 )
                 after = clipped_norms(before, max_grad_norm)
                 record = GradNormRecord(step, before, after, max_grad_norm, synthetic=True)
-                write_record(writer, record, prefix=tag_prefix.strip("/"), limits=limits)
+                write_record(writer, record, prefix=prefix, limits=limits)
                 logged += 1
             if calculator is not None and step in epsilon_at:
                 assert privacy is not None
@@ -239,6 +246,31 @@ def dry_run(
     finally:
         writer.close()
     return DryRunResult(logged_steps=logged, epsilon=epsilon)
+
+
+def _settings_rows(
+    max_grad_norm: float,
+    batch_size: int,
+    median_ratio: float,
+    sigma: float,
+    privacy: PrivacySettings | None,
+) -> dict[str, str]:
+    """Describe the simulated run with the row names of the callback's settings table."""
+    rows = {
+        "Clipping bound C (max_grad_norm)": f"{max_grad_norm:g}",
+        "Noise multiplier": "not given" if privacy is None else f"{privacy.noise_multiplier:g}",
+        "Expected batch size": str(batch_size),
+        "Sample rate": "not given" if privacy is None else f"{privacy.sample_rate:.6g}",
+        "Clipping mode": "flat",
+        "Grad sample mode": (
+            f"none, dry run of synthetic log-normal norms (median {median_ratio:.4g} C, "
+            f"sigma {sigma:g})"
+        ),
+        "Accountant": "none" if privacy is None else privacy.accountant,
+    }
+    if privacy is not None:
+        rows["Delta"] = f"{privacy.delta:g}"
+    return rows
 
 
 def _progress(steps: range, *, enabled: bool) -> Iterable[int]:

@@ -146,6 +146,19 @@ def test_dry_run_tags_match_callback_dry_run(dry, logdir, tmp_path):
 
     assert sorted(cli_tags["histograms"]) == sorted(callback_tags["histograms"])
     assert sorted(set(cli_tags["scalars"]) - {"privacy/epsilon"}) == sorted(callback_tags["scalars"])
+    assert sorted(cli_tags["tensors"]) == sorted(callback_tags["tensors"])
+
+
+def test_dry_run_settings_text(dry, logdir):
+    events = read_events(logdir / "dry").Tensors("grad_norm/dp_settings/text_summary")
+    text = events[0].tensor_proto.string_val[0].decode()
+
+    assert events[0].step == 0
+    assert "| Clipping bound C (max_grad_norm) | 2 |" in text
+    assert "| Noise multiplier | 1.2 |" in text
+    assert "| Sample rate | 0.1 |" in text
+    assert "| Accountant | rdp |" in text
+    assert "median 0.4 C, sigma 0.5" in text
 
 
 def test_dry_run_same_seed_same_norms(dry, logdir, tmp_path):
