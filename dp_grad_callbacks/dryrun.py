@@ -28,9 +28,9 @@ from .tensorboard import write_record
 AccountantName = Literal["rdp", "prv", "gdp"]
 ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "prv", "gdp")
 
-# Number of epsilon values per run by default for the accountants whose cost grows per
-# value: GDP solves for a root per value, and PRV composes numerically per value, which
-# gets slower as the number of steps grows.
+# Default number of epsilon values per run for the accountants with a high cost per value.
+# GDP solves for a root per value, and PRV composes numerically per value, which gets
+# slower as the number of steps grows.
 _DEFAULT_EPSILON_VALUES: dict[AccountantName, int] = {"gdp": 100, "prv": 20}
 
 # Events that the writer may queue before a write blocks. torch's default (10) makes the
@@ -43,7 +43,7 @@ class PrivacySettings:
     """DP-SGD parameters of a dry run whose epsilon is written per step.
 
     Attributes:
-        noise_multiplier: Ratio of the noise standard deviation to C; positive.
+        noise_multiplier: Ratio of the noise standard deviation to C, positive.
         sample_rate: Probability that a given example is in a batch, in (0, 1].
         delta: Target delta of the (epsilon, delta) guarantee, in (0, 1).
         accountant: Opacus accountant that computes epsilon.
@@ -135,8 +135,9 @@ class EpsilonCalculator:
 def default_epsilon_every(accountant: AccountantName, steps: int) -> int:
     """Return the default number of steps between epsilon values.
 
-    Every step for RDP, which costs microseconds per value here. About 100 values per run
-    for GDP and 20 for PRV, whose cost per value is much higher.
+    Every step for RDP, because each value only converts the precomputed RDP of one step.
+    About 100 values per run for GDP and 20 for PRV, because each of their values solves
+    for a root or composes numerically.
     """
     values = _DEFAULT_EPSILON_VALUES.get(accountant)
     if values is None:
