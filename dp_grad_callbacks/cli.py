@@ -314,7 +314,7 @@ def _format_table(summaries: Sequence[RunSummary]) -> str:
         (
             summary.run,
             summary.tag_root,
-            "synthetic" if summary.synthetic else "real",
+            _norms_kind(summary),
             str(summary.logged_steps),
             _format_value(summary.last_step),
             _format_value(summary.clipped_fraction, percent=True),
@@ -329,6 +329,13 @@ def _format_table(summaries: Sequence[RunSummary]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in (headers, *rows)]
     return "\n".join(lines)
+
+
+def _norms_kind(summary: RunSummary) -> str:
+    kind = "synthetic" if summary.synthetic else "real"
+    if summary.histogram_noise is not None:
+        kind += f", noisy s={summary.histogram_noise:g}"
+    return kind
 
 
 def _format_value(value: float | int | None, *, percent: bool = False) -> str:

@@ -55,6 +55,9 @@ def plot_series(
     figure = figure_class(figsize=(8, 9), dpi=dpi, layout="constrained")
     histogram_axes, fraction_axes, norm_axes = figure.subplots(3, 1, height_ratios=(3, 1.4, 2))
     kind = "synthetic norms" if series.synthetic else "real norms"
+    noise = series.scalars("histogram_noise")
+    if noise:
+        kind += f", noisy counts with s = {noise[max(noise)]:g}"
     figure.suptitle(f"{series.path}: {series.tag_root} ({kind})")
 
     _draw_histograms(histogram_axes, series, steps)

@@ -58,6 +58,9 @@ class RunSummary:
             ``suggestion_steps`` logged steps with samples. None for synthetic norms,
             because they are drawn relative to C and do not depend on the model.
         suggestion_steps: Number of steps behind the suggestion.
+        histogram_noise: Standard deviation of the Gaussian noise on every bucket count of
+            a private run (``privacy="private"``), whose per-step values all derive from
+            the noisy counts. None for a run that logged raw norms.
     """
 
     run: str
@@ -71,6 +74,7 @@ class RunSummary:
     max_grad_norm: float | None
     suggested_max_grad_norm: float | None
     suggestion_steps: int
+    histogram_noise: float | None = None
 
 
 class NormSeries:
@@ -167,6 +171,7 @@ class NormSeries:
             max_grad_norm=at_last("max_grad_norm"),
             suggested_max_grad_norm=suggestion,
             suggestion_steps=len(recent_medians) if suggestion is not None else 0,
+            histogram_noise=at_last("histogram_noise"),
         )
 
     def gradient_info(self, step: int) -> dict[str, Points]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import HistogramValue
@@ -17,7 +19,7 @@ from dp_grad_callbacks.runs import (
     select_series,
 )
 from dp_grad_callbacks.stats import LAST_BUCKET_LIMIT, bucket_limits, clipped_norms
-from dp_grad_callbacks.tensorboard import write_record
+from dp_grad_callbacks.tensorboard import write_noisy_record, write_record
 
 
 def histogram(limits, counts, *, low, high):
@@ -153,6 +155,24 @@ def test_summary_skips_empty_last_step(tmp_path):
     assert summary.last_step == 0
     assert summary.clipped_fraction == pytest.approx(2 / 3, rel=1e-6)
     assert summary.median == pytest.approx(2.0, rel=1e-6)
+
+
+def test_summary_private_run_reports_noise(tmp_path):
+    record = GradNormRecord(0, np.empty(0), np.empty(0), 1.0)
+    limits = bucket_limits(1.0)
+    counts = np.zeros(limits.size)
+    counts[25:30] = [3.5, 10.0, 20.25, 8.0, 1.0]
+    private = dataclasses.replace(
+        record, noisy_counts=counts, bucket_limits=limits, histogram_noise=2.5
+    )
+    with SummaryWriter(str(tmp_path)) as writer:
+        write_noisy_record(writer, private, prefix="grad_norm")
+
+    summary = load_norm_series(tmp_path)[0].summarize()
+
+    assert summary.histogram_noise == 2.5
+    assert summary.synthetic is False
+    assert summary.last_step == 0
 
 
 def test_summarize_only_empty_steps_gives_none(tmp_path):
