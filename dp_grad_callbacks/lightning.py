@@ -12,12 +12,16 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import AbstractGradSampleHooks
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
 from .callback import Fallback, GradNormCallback, check_options
 from .dashboard import DEFAULT_EPSILON_EVERY
+from .distributed import process_rank
 from .privacy import Privacy
 
 _INSTALL_HINT = "pip install 'dp-grad-callbacks[lightning]'"
@@ -54,6 +58,32 @@ def _tensorboard_logger_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def find_private_modules(
+    pl_module: nn.Module, optimizer: DPOptimizer
+) -> list[AbstractGradSampleHooks]:
+    """Return the Opacus modules in ``pl_module`` that contain all of the optimizer's parameters.
+
+    A candidate is a submodule of ``pl_module`` that is an Opacus ``GradSampleModule``, or a
+    plain attribute of ``pl_module`` or of a submodule that is a hooks object of
+    ``make_private(wrap_model=False)`` or a ghost-clipping criterion, which keeps the module
+    or hooks object it was made with. Each object is returned once, in the order found.
+    """
+    found: dict[int, AbstractGradSampleHooks] = {}
+    for submodule in pl_module.modules():
+        for candidate in (submodule, *vars(submodule).values()):
+            if isinstance(candidate, DPLossFastGradientClipping):
+                candidate = candidate.module
+            if isinstance(candidate, AbstractGradSampleHooks):
+                found.setdefault(id(candidate), candidate)
+
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [
+        candidate
+        for candidate in found.values()
+        if trained <= {id(p) for p in candidate._module.parameters()}
+    ]
+
+
 class GradNormMonitor(Callback):
     """Log the per-sample gradient norms of an Opacus-trained LightningModule to TensorBoard.
 
@@ -62,11 +92,18 @@ class GradNormMonitor(Callback):
     it. It writes through the trainer's ``TensorBoardLogger`` when there is one, so the
     norms appear in the same run as the other metrics, and to ``log_dir`` otherwise. Records
     and TensorBoard steps use ``trainer.global_step``. The monitor detaches when training
-    ends, also on an exception or a keyboard interrupt. Only global rank 0 attaches and
-    writes.
+    ends, also on an exception or a keyboard interrupt.
 
     ``configure_optimizers`` must return the optimizer that ``PrivacyEngine.make_private``
-    made, as in Opacus's Lightning example.
+    made, as in Opacus's Lightning example. Ghost clipping and ``per_layer=True`` also need
+    the module that ``make_private`` returned. The monitor finds it when the LightningModule
+    keeps it as an attribute (``self.net, optimizer, ... = make_private(module=self.net,
+    ...)``), or, with ``wrap_model=False``, keeps the hooks object or the ghost-clipping
+    criterion as an attribute.
+
+    Every rank attaches, so that under ``DPDDP`` each rank takes part in the exchange of
+    norms at every logged step, and every record contains the global batch. Only global
+    rank 0 writes.
 
     Args:
         log_dir: Log directory used when the trainer has no ``TensorBoardLogger``.
@@ -92,6 +129,11 @@ class GradNormMonitor(Callback):
         TypeError: If ``log_dir`` is not a path or ``privacy_engine`` not a ``PrivacyEngine``.
         ValueError: If an option is out of range, or only one of ``privacy_engine`` and
             ``delta`` is given.
+
+    Note:
+        A process that Lightning counts as a non-zero rank but that has no
+        ``torch.distributed`` process group attaches nothing, because the callback would
+        take it for rank 0 and write.
 
     Example::
 
@@ -150,15 +192,18 @@ class GradNormMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Attach a new ``GradNormCallback`` to the DP optimizer, on global rank 0 only."""
-        # NOTE: tested in one process only. Under a multi-process strategy, rank 0 logs
-        # only the samples of its own batch shard, because the other ranks attach nothing.
-        if not trainer.is_global_zero:
+        """Attach a new ``GradNormCallback`` to the DP optimizer, on every rank."""
+        if not trainer.is_global_zero and process_rank() == 0:
+            # Without a process group there are no ranks to exchange norms with, and the
+            # callback would write, taking this process for rank 0.
             return
         optimizer = self._find_dp_optimizer(trainer)
+        module = None
+        if self._needs_module(optimizer):
+            module = self._find_private_module(pl_module, optimizer)
         callback = GradNormCallback(self._writer(trainer), **self._options)
         callback.step = trainer.global_step
-        self._callback = callback.attach(optimizer)
+        self._callback = callback.attach(optimizer, module)
         self._optimizer = optimizer
 
     @override
@@ -212,12 +257,49 @@ class GradNormMonitor(Callback):
             "private"
         )
 
+    def _needs_module(self, optimizer: DPOptimizer) -> bool:
+        ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)
+        return ghost or (self._options["per_layer"] and not self._options["dry_run"])
+
+    def _find_private_module(
+        self, pl_module: LightningModule, optimizer: DPOptimizer
+    ) -> AbstractGradSampleHooks:
+        """Return the module that ``make_private`` returned, for ghost clipping or ``per_layer``."""
+        modules = find_private_modules(pl_module, optimizer)
+        if len(modules) == 1:
+            return modules[0]
+
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            reason = "ghost clipping keeps the per-sample norms on it"
+        else:
+            reason = "per_layer=True takes the parameter names from it"
+        if not modules:
+            raise MisconfigurationException(
+                "GradNormMonitor found no Opacus GradSampleModule that contains the DP "
+                f"optimizer's parameters in {type(pl_module).__name__}, but {reason}; keep the "
+                "module that make_private returns as an attribute of the LightningModule "
+                "(self.net, optimizer, ... = make_private(module=self.net, ...)), or with "
+                "wrap_model=False the hooks object or the ghost-clipping criterion"
+            )
+        found = [type(module).__name__ for module in modules]
+        raise MisconfigurationException(
+            f"GradNormMonitor found {len(modules)} Opacus modules ({found}) that contain the "
+            f"DP optimizer's parameters in {type(pl_module).__name__}, but can pass only one "
+            "to the callback; keep only the module that make_private returned with this "
+            "optimizer"
+        )
+
     def _writer(self, trainer: Trainer) -> SummaryWriter | str | os.PathLike[str]:
-        """Return the trainer's TensorBoard ``SummaryWriter``, else ``log_dir``."""
+        """Return the trainer's TensorBoard ``SummaryWriter``, else ``log_dir``.
+
+        On a non-zero rank the callback creates no writer for a path and writes nothing, so
+        there the logger's root directory only fills the argument. Its ``experiment`` is
+        Lightning's dummy object on those ranks.
+        """
         tensorboard_loggers = _tensorboard_logger_classes()
         for logger in trainer.loggers:
             if isinstance(logger, tensorboard_loggers):
-                return logger.experiment
+                return logger.experiment if trainer.is_global_zero else logger.root_dir
         if self.log_dir is None:
             raise MisconfigurationException(
                 "GradNormMonitor has nowhere to write: the trainer has no "
