@@ -12,22 +12,32 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_only
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModuleExpandedWeights
 from opacus.optimizers import DPOptimizer
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+import dp_grad_callbacks.callback
+import dp_grad_callbacks.lightning
 import lightning.pytorch
 import pytorch_lightning
 from dp_grad_callbacks.lightning import GradNormMonitor
 from opacus.lightning import DPLightningDataModule
 
-from conftest import brute_force_norms, make_dataset, make_mlp, read_events
+from conftest import make_dataset, make_mlp, read_events
+from reference_norms import brute_force_param_norms, per_layer_clipped, total_norms
 
 NAMESPACES = {"lightning.pytorch": lightning.pytorch, "pytorch_lightning": pytorch_lightning}
 DELTA = 1e-5
 BATCH_SIZE = 16
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+# Per-layer bounds in NAMES order. The small bound of 2.bias clips samples whose total norm
+# stays below the overall bound.
+PER_LAYER_BOUNDS = [1.0, 0.5, 1.0, 0.05]
 
 
 def make_classes(pl: ModuleType) -> tuple[type, type]:
@@ -46,15 +56,22 @@ def make_classes(pl: ModuleType) -> tuple[type, type]:
             private: bool = True,
             fail_at_step: int | None = None,
             skip_at_step: int | None = None,
+            private_options: dict[str, Any] | None = None,
         ) -> None:
             super().__init__()
             self.net = make_mlp()
             self.private = private
             self.fail_at_step = fail_at_step
             self.skip_at_step = skip_at_step
+            self.private_options = {"max_grad_norm": 0.5, **(private_options or {})}
+            # Ghost clipping's criterion returns a DPTensorFastGradientClipping, not a
+            # Tensor, which Lightning's automatic optimization rejects. So training_step
+            # then runs backward and the optimizer step itself.
+            self.automatic_optimization = self.private_options.get("grad_sample_mode") != "ghost"
             self.privacy_engine = PrivacyEngine(accountant="rdp")
             self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
             self.reference_norms: dict[int, np.ndarray] = {}
+            self.reference_param_norms: dict[int, dict[str, np.ndarray]] = {}
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
@@ -63,18 +80,26 @@ def make_classes(pl: ModuleType) -> tuple[type, type]:
             loader = self.trainer.datamodule.train_dataloader()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.net, optimizer, _ = self.privacy_engine.make_private(
+                result = self.privacy_engine.make_private(
                     module=self.net,
                     optimizer=optimizer,
                     data_loader=loader,
                     noise_multiplier=1.0,
-                    max_grad_norm=0.5,
                     poisson_sampling=isinstance(loader, DPDataLoader),
+                    **self.private_options,
                 )
+            module, optimizer = result[0], result[1]
+            if len(result) == 4:
+                self.criterion = result[2]
+            if isinstance(module, nn.Module):
+                self.net = module
+            else:
+                # wrap_model=False: the hooks object works on self.net in place.
+                self.grad_sample_hooks = module
             self.dp_optimizer = optimizer
             return optimizer
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
             if self.trainer.global_step == self.fail_at_step:
                 raise RuntimeError("training step failed on purpose")
             if self.trainer.global_step == self.skip_at_step:
@@ -83,13 +108,22 @@ def make_classes(pl: ModuleType) -> tuple[type, type]:
                 self.dp_optimizer.signal_skip_step(do_skip=True)
             x, y = batch
             self.batches.append((x, y))
-            return F.cross_entropy(self.net(x), y)
+            if self.automatic_optimization:
+                return F.cross_entropy(self.net(x), y)
+
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.criterion(self.net(x), y).backward()
+            optimizer.step()
+            return None
 
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
             # Runs before Opacus clips, with the weights that produced this step's gradients.
             x = torch.cat([batch[0] for batch in self.batches])
             y = torch.cat([batch[1] for batch in self.batches])
-            self.reference_norms[self.trainer.global_step] = brute_force_norms(self.net, x, y)
+            param_norms = brute_force_param_norms(self.net, x, y)
+            self.reference_param_norms[self.trainer.global_step] = param_norms
+            self.reference_norms[self.trainer.global_step] = total_norms(param_norms, len(x))
             self.batches = []
 
     return Classifier, Digits
@@ -243,9 +277,37 @@ def test_monitor_without_dp_optimizer_raises(tmp_path: Path) -> None:
         fit(pl, classifier_class(private=False), callbacks=[GradNormMonitor(tmp_path)])
 
 
-def test_monitor_idle_on_other_ranks(
+def test_monitor_other_rank_attaches_without_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Rank 1 of a process group, as Lightning, its loggers and the callback see it.
+    pl = lightning.pytorch
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda trainer: False))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    monkeypatch.setattr(dp_grad_callbacks.lightning, "process_rank", lambda: 1)
+    monkeypatch.setattr(dp_grad_callbacks.callback, "process_rank", lambda: 1)
+    classifier_class, _ = make_classes(pl)
+    module = classifier_class()
+    monitor = GradNormMonitor(
+        per_layer=True, privacy_engine=module.privacy_engine, delta=DELTA, fallback="raise"
+    )
+    logger = pl.loggers.TensorBoardLogger(save_dir=str(tmp_path / "tensorboard"))
+    trainer = fit(pl, module, callbacks=[monitor], logger=logger)
+
+    assert trainer.global_step == 4
+    record = monitor.callback.last_record
+    assert record is not None
+    assert record.step == 3
+    np.testing.assert_allclose(record.before, module.reference_norms[3], rtol=1e-5)
+    assert sorted(record.layer_before) == sorted(NAMES)
+    assert not monitor.callback.attached
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_monitor_idle_without_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A non-zero rank for Lightning that torch.distributed would take for rank 0.
     pl = lightning.pytorch
     monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda trainer: False))
     classifier_class, _ = make_classes(pl)
@@ -255,6 +317,146 @@ def test_monitor_idle_on_other_ranks(
     assert trainer.global_step == 4
     assert monitor.callback is None
     assert not (tmp_path / "norms").exists()
+
+
+@pytest.mark.parametrize("wrap_model", [True, False])
+def test_monitor_ghost_matches_brute_force(tmp_path: Path, wrap_model: bool) -> None:
+    pl = lightning.pytorch
+    classifier_class, _ = make_classes(pl)
+    torch.manual_seed(0)
+    module = classifier_class(
+        private_options={"grad_sample_mode": "ghost", "wrap_model": wrap_model}
+    )
+    monitor = GradNormMonitor(tmp_path, per_layer=True, fallback="raise")
+    fit(pl, module, callbacks=[monitor])
+
+    events = read_events(tmp_path)
+    histograms = events.Histograms("grad_norm/before_clipping")
+    assert [event.step for event in histograms] == [0, 1, 2, 3]
+    for event in histograms:
+        expected = module.reference_norms[event.step]
+        assert event.histogram_value.num == len(expected)
+        np.testing.assert_allclose(event.histogram_value.max, expected.max(), rtol=1e-5)
+        np.testing.assert_allclose(event.histogram_value.sum, expected.sum(), rtol=1e-5)
+    assert [event.value for event in events.Scalars("grad_norm/max_grad_norm")] == [0.5] * 4
+
+    record = monitor.callback.last_record
+    assert record is not None
+    expected = module.reference_norms[3]
+    np.testing.assert_allclose(record.before, expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        record.after, expected * np.minimum(1.0, 0.5 / (expected + 1e-6)), rtol=1e-5
+    )
+    assert sorted(record.layer_before) == sorted(NAMES)
+    for name in NAMES:
+        np.testing.assert_allclose(
+            record.layer_before[name], module.reference_param_norms[3][name], rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    "private_options",
+    [
+        {},
+        {"wrap_model": False},
+        {"clipping": "per_layer", "max_grad_norm": PER_LAYER_BOUNDS},
+    ],
+    ids=["flat", "unwrapped", "per_layer_clipping"],
+)
+def test_monitor_per_layer_matches_brute_force(
+    tmp_path: Path, private_options: dict[str, Any]
+) -> None:
+    pl = lightning.pytorch
+    classifier_class, _ = make_classes(pl)
+    torch.manual_seed(0)
+    module = classifier_class(private_options=private_options)
+    monitor = GradNormMonitor(tmp_path, per_layer=True, fallback="raise")
+    fit(pl, module, callbacks=[monitor])
+
+    events = read_events(tmp_path)
+    for name in NAMES:
+        histograms = events.Histograms(f"grad_norm/layer/{name}/before_clipping")
+        assert [event.step for event in histograms] == [0, 1, 2, 3]
+        for event in histograms:
+            expected = module.reference_param_norms[event.step][name]
+            assert event.histogram_value.num == len(expected)
+            np.testing.assert_allclose(event.histogram_value.sum, expected.sum(), rtol=1e-5)
+
+    record = monitor.callback.last_record
+    assert record is not None
+    reference = module.reference_param_norms[3]
+    assert sorted(record.layer_before) == sorted(NAMES)
+    for name in NAMES:
+        np.testing.assert_allclose(record.layer_before[name], reference[name], rtol=1e-5)
+    if "clipping" in private_options:
+        bounds = dict(zip(NAMES, PER_LAYER_BOUNDS))
+        clipped = per_layer_clipped(reference, bounds)
+        for name in NAMES:
+            np.testing.assert_allclose(record.layer_after[name], clipped[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("private_options", "monitor_options", "reason"),
+    [
+        (
+            {"wrap_model": False},
+            {"per_layer": True},
+            "per_layer=True takes the parameter names from it",
+        ),
+        (
+            {"wrap_model": False, "grad_sample_mode": "ghost"},
+            {},
+            "ghost clipping keeps the per-sample norms on it",
+        ),
+    ],
+    ids=["per_layer", "ghost"],
+)
+def test_monitor_without_private_module_raises(
+    tmp_path: Path,
+    private_options: dict[str, Any],
+    monitor_options: dict[str, Any],
+    reason: str,
+) -> None:
+    pl = lightning.pytorch
+    classifier_class, _ = make_classes(pl)
+
+    class Forgetful(classifier_class):
+        """Keeps neither the hooks object of wrap_model=False nor the ghost criterion."""
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            optimizer = super().configure_optimizers()
+            del self.grad_sample_hooks
+            self.__dict__.pop("criterion", None)
+            return optimizer
+
+    module = Forgetful(private_options=private_options)
+    with pytest.raises(
+        pl.utilities.exceptions.MisconfigurationException,
+        match=rf"found no Opacus GradSampleModule that contains the DP optimizer's parameters "
+        rf"in Forgetful, but {reason}; keep the module that make_private returns as an "
+        r"attribute of the LightningModule",
+    ):
+        fit(pl, module, callbacks=[GradNormMonitor(tmp_path, **monitor_options)])
+
+
+def test_monitor_with_two_private_modules_raises(tmp_path: Path) -> None:
+    pl = lightning.pytorch
+    classifier_class, _ = make_classes(pl)
+
+    class TwoWrappers(classifier_class):
+        """Keeps a second Opacus wrapper around the same model."""
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            optimizer = super().configure_optimizers()
+            self.spare = GradSampleModuleExpandedWeights(self.net._module)
+            return optimizer
+
+    with pytest.raises(
+        pl.utilities.exceptions.MisconfigurationException,
+        match=r"found 2 Opacus modules \(\['GradSampleModule', "
+        r"'GradSampleModuleExpandedWeights'\]\) that contain the DP optimizer's parameters",
+    ):
+        fit(pl, TwoWrappers(), callbacks=[GradNormMonitor(tmp_path, per_layer=True)])
 
 
 def test_training_identical_with_monitor(tmp_path: Path) -> None:
