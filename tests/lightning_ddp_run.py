@@ -1,11 +1,12 @@
 """Train the tiny MLP under DPDDP in a two-process Lightning "ddp" run with GradNormMonitor.
 
-Usage: ``python tests/lightning_ddp_run.py OUT_DIR``. Lightning starts rank 1 by running
-this script again. Each rank trains on its own batches, of ``BATCH_SIZES[rank]`` samples, so
-a record that contains the global batch has a sample count that no single rank has. Each
-rank saves its batches' brute-force norms and its records to ``OUT_DIR/rank<r>.pkl``, and
-rank 0 also saves the directory of the trainer's TensorBoard run. tests/test_lightning_ddp.py
-runs this script and checks the files.
+Usage: ``python tests/lightning_ddp_run.py OUT_DIR MODE``, where MODE is a key of
+``MODES``. Lightning starts rank 1 by running this script again with the same arguments.
+Each rank trains on its own batches, of ``BATCH_SIZES[rank]`` samples, so a record that
+contains the global batch has a sample count that no single rank has. Each rank saves its
+batches' brute-force norms and its records to ``OUT_DIR/rank<r>.pkl``, and rank 0 also
+saves the directory of the trainer's TensorBoard run. tests/test_lightning_ddp.py runs
+this script and checks the files.
 """
 
 from __future__ import annotations
@@ -35,15 +36,22 @@ from reference_norms import brute_force_param_norms  # noqa: E402
 WORLD_SIZE = 2
 STEPS = 3
 BATCH_SIZES = (3, 5)
-PER_LAYER_BOUNDS = [1.0, 0.5, 1.0, 0.05]
+# The make_private options of each training mode.
+MODES: dict[str, dict[str, Any]] = {
+    "per_layer": {"clipping": "per_layer", "max_grad_norm": [1.0, 0.5, 1.0, 0.05]},
+    "ghost": {"grad_sample_mode": "ghost", "max_grad_norm": 0.5},
+}
 
 
 class Classifier(pl.LightningModule):
-    """The tiny MLP, wrapped in DPDDP and made private with per-layer clipping."""
+    """The tiny MLP, wrapped in DPDDP and made private in one of ``MODES``."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
         super().__init__()
         self.net = make_mlp()
+        self.private_options = MODES[mode]
+        # Ghost clipping's criterion returns no Tensor, which automatic optimization needs.
+        self.automatic_optimization = mode != "ghost"
         self.dataset = make_dataset(64)
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reference_norms: dict[int, dict[str, Any]] = {}
@@ -60,22 +68,31 @@ class Classifier(pl.LightningModule):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.net, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
+            result = PrivacyEngine(accountant="rdp").make_private(
                 module=DPDDP(self.net),
                 optimizer=optimizer,
                 data_loader=DataLoader(self.dataset, batch_size=8),
                 noise_multiplier=1.0,
-                max_grad_norm=PER_LAYER_BOUNDS,
-                clipping="per_layer",
                 poisson_sampling=False,
                 noise_generator=torch.Generator().manual_seed(1),
+                **self.private_options,
             )
+        self.net, optimizer = result[0], result[1]
+        if len(result) == 4:
+            self.criterion = result[2]
         return optimizer
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         self.batches.append((x, y))
-        return F.cross_entropy(self.net(x), y)
+        if self.automatic_optimization:
+            return F.cross_entropy(self.net(x), y)
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.criterion(self.net(x), y).backward()
+        optimizer.step()
+        return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs before Opacus clips, with the weights that produced this step's gradients.
@@ -100,7 +117,7 @@ class RecordKeeper(pl.Callback):
 def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.manual_seed(0)
-    module = Classifier()
+    module = Classifier(sys.argv[2])
     monitor = GradNormMonitor(per_layer=True, fallback="raise")
     keeper = RecordKeeper(monitor)
     logger = TensorBoardLogger(save_dir=str(out_dir / "tensorboard"), name="ddp")

@@ -11,22 +11,24 @@ import numpy as np
 import pytest
 
 from conftest import checkout_env, read_events
-from lightning_ddp_run import BATCH_SIZES, STEPS, WORLD_SIZE
+from lightning_ddp_run import BATCH_SIZES, MODES, STEPS, WORLD_SIZE
 
 SCRIPT = Path(__file__).resolve().parent / "lightning_ddp_run.py"
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 GLOBAL_BATCH = sum(BATCH_SIZES)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out_dir = tmp_path_factory.mktemp("lightning_ddp")
+@pytest.fixture(scope="module", params=sorted(MODES))
+def ddp_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[dict]]:
+    out_dir = tmp_path_factory.mktemp(f"lightning_ddp_{request.param}")
     env = checkout_env()
     # Gloo connects the ranks over the loopback interface, so nothing leaves the machine.
     env["GLOO_SOCKET_IFNAME"] = "lo"
     env["MASTER_ADDR"] = "127.0.0.1"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir)],
+        [sys.executable, str(SCRIPT), str(out_dir), request.param],
         capture_output=True,
         text=True,
         timeout=300,
