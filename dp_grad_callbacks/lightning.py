@@ -63,10 +63,11 @@ def find_private_modules(
 ) -> list[AbstractGradSampleHooks]:
     """Return the Opacus modules in ``pl_module`` that contain all of the optimizer's parameters.
 
-    A candidate is a submodule of ``pl_module`` that is an Opacus ``GradSampleModule``, or a
-    plain attribute of ``pl_module`` or of a submodule that is a hooks object of
-    ``make_private(wrap_model=False)`` or a ghost-clipping criterion, which keeps the module
-    or hooks object it was made with. Each object is returned once, in the order found.
+    Candidates are the submodules that are an Opacus ``GradSampleModule``, and the plain
+    attributes of ``pl_module`` and its submodules that are a hooks object of
+    ``make_private(wrap_model=False)``. A ghost-clipping criterion among those attributes
+    adds the module or hooks object that it keeps. Each object is returned once, in the
+    order found.
     """
     found: dict[int, AbstractGradSampleHooks] = {}
     for submodule in pl_module.modules():
@@ -194,8 +195,8 @@ class GradNormMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Attach a new ``GradNormCallback`` to the DP optimizer, on every rank."""
         if not trainer.is_global_zero and process_rank() == 0:
-            # Without a process group there are no ranks to exchange norms with, and the
-            # callback would write, taking this process for rank 0.
+            # Without a process group the callback would take this process for rank 0 and
+            # write, and there are no ranks to exchange norms with.
             return
         optimizer = self._find_dp_optimizer(trainer)
         module = None
@@ -264,7 +265,7 @@ class GradNormMonitor(Callback):
     def _find_private_module(
         self, pl_module: LightningModule, optimizer: DPOptimizer
     ) -> AbstractGradSampleHooks:
-        """Return the module that ``make_private`` returned, for ghost clipping or ``per_layer``."""
+        """Return the one module that :func:`find_private_modules` finds, else raise."""
         modules = find_private_modules(pl_module, optimizer)
         if len(modules) == 1:
             return modules[0]
@@ -278,8 +279,8 @@ class GradNormMonitor(Callback):
                 "GradNormMonitor found no Opacus GradSampleModule that contains the DP "
                 f"optimizer's parameters in {type(pl_module).__name__}, but {reason}; keep the "
                 "module that make_private returns as an attribute of the LightningModule "
-                "(self.net, optimizer, ... = make_private(module=self.net, ...)), or with "
-                "wrap_model=False the hooks object or the ghost-clipping criterion"
+                "(self.net, optimizer, ... = make_private(module=self.net, ...)) or, with "
+                "wrap_model=False, keep the hooks object or the ghost-clipping criterion"
             )
         found = [type(module).__name__ for module in modules]
         raise MisconfigurationException(
@@ -292,9 +293,8 @@ class GradNormMonitor(Callback):
     def _writer(self, trainer: Trainer) -> SummaryWriter | str | os.PathLike[str]:
         """Return the trainer's TensorBoard ``SummaryWriter``, else ``log_dir``.
 
-        On a non-zero rank the callback creates no writer for a path and writes nothing, so
-        there the logger's root directory only fills the argument. Its ``experiment`` is
-        Lightning's dummy object on those ranks.
+        On a non-zero rank the logger's ``experiment`` is Lightning's dummy object, so its
+        root directory is returned instead. The callback creates no writer for a path there.
         """
         tensorboard_loggers = _tensorboard_logger_classes()
         for logger in trainer.loggers:

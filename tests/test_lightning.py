@@ -94,7 +94,8 @@ def make_classes(pl: ModuleType) -> tuple[type, type]:
             if isinstance(module, nn.Module):
                 self.net = module
             else:
-                # wrap_model=False: the hooks object works on self.net in place.
+                # With wrap_model=False, make_private returns a hooks object that works on
+                # self.net in place.
                 self.grad_sample_hooks = module
             self.dp_optimizer = optimizer
             return optimizer
