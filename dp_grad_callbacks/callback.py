@@ -327,7 +327,8 @@ class GradNormCallback:
                 private.run_step_hook(original_hook, hooked, charge=self._capturing)
 
             optimizer.step_hook = step_hook
-        elif not self._warned_raw:
+        elif not self._warned_raw and process_rank() == 0:
+            # Every rank attaches under DPDDP; one warning per run is enough.
             warnings.warn(RAW_NORMS_WARNING, RawNormsWarning, stacklevel=2)
             self._warned_raw = True
         self._private = private
