@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,12 @@ def _check_log_params(median_ratio: Any, sigma: Any) -> tuple[float, float]:
 def _rng(seed: Seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
+    ):
+        raise ValueError(
+            f"seed must be a non-negative integer, a numpy.random.Generator or None, got {seed!r}"
+        )
     return np.random.default_rng(seed)
 
 
@@ -59,8 +66,10 @@ def lognormal_density(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     density = np.zeros_like(x)
     positive = x > 0
-    z = (np.log(x[positive]) - mu) / sigma
-    density[positive] = np.exp(-0.5 * z * z) / (x[positive] * sigma * math.sqrt(2 * math.pi))
+    # Far in the tails the terms overflow or underflow, and the density rounds to 0.
+    with np.errstate(over="ignore", under="ignore"):
+        z = (np.log(x[positive]) - mu) / sigma
+        density[positive] = np.exp(-0.5 * z * z) / (x[positive] * sigma * math.sqrt(2 * math.pi))
     return density
 
 
@@ -83,10 +92,12 @@ def sample_gradient_norms(
         seed: An ``int``, a ``numpy.random.Generator`` (advanced in place) or ``None``.
 
     Returns:
-        A float64 array of ``num_samples`` finite positive norms.
+        A float64 array of ``num_samples`` finite positive norms. Draws beyond the float64
+        range are clamped to the largest finite value and the smallest positive one.
 
     Raises:
-        ValueError: If an argument is out of range.
+        ValueError: If an argument is out of range, or ``clipping_norm * median_ratio``
+            overflows or underflows.
 
     Example:
         >>> norms = sample_gradient_norms(1.0, 4, seed=0)
@@ -96,8 +107,18 @@ def sample_gradient_norms(
     clipping_norm = _check_clipping_norm(clipping_norm)
     num_samples = _check_count("num_samples", num_samples)
     median_ratio, sigma = _check_log_params(median_ratio, sigma)
-    mu = math.log(clipping_norm * median_ratio)
-    return _rng(seed).lognormal(mean=mu, sigma=sigma, size=num_samples)
+    median = clipping_norm * median_ratio
+    if not (math.isfinite(median) and median > 0):
+        raise ValueError(
+            "clipping_norm * median_ratio must be a finite positive number, got "
+            f"{clipping_norm!r} * {median_ratio!r} = {median!r}"
+        )
+
+    rng = _rng(seed)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = rng.lognormal(mean=math.log(median), sigma=sigma, size=num_samples)
+    finfo = np.finfo(np.float64)
+    return np.clip(norms, finfo.smallest_subnormal, finfo.max, out=norms)
 
 
 def _points(x: np.ndarray, y: np.ndarray) -> Points:
@@ -146,9 +167,12 @@ def generate_clipped_gradients(
     if original_gradients is None:
         original_gradients = generate_gradient_norms(clipping_norm, num_points, seed=seed)
     try:
+        # A string or a mapping can be iterated but contains no points.
+        if isinstance(original_gradients, (str, bytes, Mapping)):
+            raise TypeError("expected a sequence of points")
         x = np.array([point["x"] for point in original_gradients], dtype=np.float64)
         y = np.array([point["y"] for point in original_gradients], dtype=np.float64)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ValueError(
             "original_gradients must be a list of {'x': norm, 'y': density} points, "
             f"got {type(original_gradients).__name__}: {error}"
@@ -180,7 +204,8 @@ def gradient_info_from_norms(
 
     Each point is a histogram bin: ``x`` is the bin centre and ``y`` the density of the norms
     there (``numpy.histogram(..., density=True)``). Non-finite values are dropped, and an
-    empty input gives an empty list.
+    empty input gives an empty list. A density above the float64 range, from norms that
+    span less than about 1e-308, is ``inf``.
     """
     return {
         "before_clipping": _density_points(before, bins),
@@ -193,6 +218,13 @@ def _density_points(values: np.ndarray, bins: int | str) -> Points:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return []
-    density, edges = np.histogram(values, bins=bins, density=True)
+    value_range = None
+    if values.min() == values.max():
+        # For equal values numpy uses the range v - 0.5 to v + 0.5, which float64 cannot
+        # split into bins once v exceeds about 1e15. The half-width grows with v instead.
+        half_width = max(0.5, abs(float(values[0])) * 1e-12)
+        value_range = (values[0] - half_width, values[0] + half_width)
+    with np.errstate(over="ignore"):
+        density, edges = np.histogram(values, bins=bins, range=value_range, density=True)
     centres = (edges[:-1] + edges[1:]) / 2
     return _points(centres, density)
