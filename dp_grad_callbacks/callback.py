@@ -19,6 +19,7 @@ from .assemble import StepNorms, build_record, collect_step
 from .capture import BatchNorms, Capture, NormReader, select_reader
 from .dashboard import DEFAULT_EPSILON_EVERY, Dashboard, check_privacy_options
 from .distributed import all_gather_rows, process_rank
+from .event_files import close_writer, open_writer, reopen_writer
 from .layers import parameter_names
 from .noisy_histogram import SeededGaussianNoise
 from .privacy import (
@@ -28,10 +29,11 @@ from .privacy import (
     RawNormsWarning,
     check_privacy_mode,
 )
+from .ratelimit import RateLimiter
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
-from .tensorboard import write_record
+from .tensorboard import tag_root, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ _ATTACHED: weakref.WeakKeyDictionary[DPOptimizer, GradNormCallback] = weakref.We
 
 # The optimizer methods the callback replaces with instance attributes while attached.
 _PATCHED = ("pre_step", "clip_and_accumulate")
+
+# Minimum number of seconds between two log messages about the same repeated problem
+# (non-finite norms, failed writes). Each message includes the number of repeats that
+# were not logged.
+LOG_INTERVAL_SECONDS = 60.0
 
 
 class MissingPerSampleGradientsError(RuntimeError):
@@ -92,6 +99,14 @@ class GradNormCallback:
     clipping, and scalars of the clipped fraction, norm quantiles, the bound C and the sample
     count. It observes only: training with and without it is bitwise identical.
 
+    The writer is flushed after every logged step, so a run that is killed or raises keeps
+    every step logged before. Non-finite norms and failed writes never raise into the
+    training loop. Non-finite norms are counted under ``<prefix>/nonfinite``. A write that
+    raises is logged, counted in :attr:`write_failures` and not retried, and the next
+    logged step writes again. A writer that the callback created is then replaced by a new
+    one, at most once a minute, because a ``SummaryWriter`` whose background thread failed
+    keeps failing. Only ``fallback="raise"`` makes a step raise.
+
     With ``privacy="private"`` it releases only a noisy histogram per logged step and
     charges that step to the privacy accountant (see :mod:`dp_grad_callbacks.privacy`), so
     ``privacy_engine.get_epsilon(delta)`` covers the diagnostics.
@@ -129,11 +144,17 @@ class GradNormCallback:
             noisier histograms; :func:`~dp_grad_callbacks.privacy.preview_epsilon` shows
             the cost before training.
 
+    Attributes:
+        last_record: The record of the last logged step, or ``None`` before the first.
+        write_failures: Number of logged steps whose record could not be built, written
+            or flushed.
+
     Raises:
         TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path, or
             ``privacy_engine`` is not a ``PrivacyEngine``.
         ValueError: If an option is out of range, or only one of ``privacy_engine`` and
             ``delta`` is given.
+        OSError: If the log directory cannot be created.
 
     Note:
         In an initialized ``torch.distributed`` process group only rank 0 writes. On other
@@ -202,7 +223,7 @@ class GradNormCallback:
             if isinstance(writer, SummaryWriter):
                 self._writer = writer
             else:
-                self._writer = SummaryWriter(log_dir=os.fspath(writer))
+                self._writer = open_writer(os.fspath(writer))
                 self._owns_writer = True
 
         self.log_every = log_every
@@ -216,6 +237,16 @@ class GradNormCallback:
         self.write_failures = 0
         self.withheld_releases = 0
         self.dashboard = dashboard
+
+        # Closes a writer the callback created on close(), or when the callback is garbage
+        # collected or the interpreter exits without close(). It must not refer to self.
+        self._writer_finalizer = (
+            weakref.finalize(self, close_writer, self._writer) if self._owns_writer else None
+        )
+        self._nonfinite_log = RateLimiter(LOG_INTERVAL_SECONDS)
+        self._failure_log = RateLimiter(LOG_INTERVAL_SECONDS)
+        # Bounds the new event files that a lasting failure, such as a full disk, creates.
+        self._reopen_limit = RateLimiter(LOG_INTERVAL_SECONDS)
 
         self._seed = seed
         self._privacy_engine = privacy_engine
@@ -357,19 +388,32 @@ class GradNormCallback:
         self._reset_step_state()
 
     def flush(self) -> None:
-        """Write everything logged so far to disk."""
+        """Write everything logged so far to disk.
+
+        Raises:
+            RuntimeError: If the callback is closed.
+        """
+        self._check_open()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Detach, flush, and close the writer if the callback created it. Idempotent."""
+        """Detach, flush, and close the writer if the callback created it. Idempotent.
+
+        A writer that fails to flush or close is logged and not raised, so that an error
+        from the training loop that ends a ``with`` block is not replaced by this one.
+        """
         if self._closed:
             return
         self.detach()
-        self.flush()
-        if self._owns_writer and self._writer is not None:
-            self._writer.close()
         self._closed = True
+        if self._writer_finalizer is not None:
+            self._writer_finalizer()
+        elif self._writer is not None:
+            try:
+                self._writer.flush()
+            except Exception:  # noqa: BLE001 - see the docstring
+                logger.exception("failed to flush the TensorBoard writer on close")
 
     def __enter__(self) -> GradNormCallback:
         self._check_open()
@@ -462,6 +506,25 @@ class GradNormCallback:
     # ------------------------------------------------------------------ records
 
     def _finish_step(self, optimizer: DPOptimizer) -> None:
+        """Build and write the record of a logged step. Only ``fallback="raise"`` raises."""
+        try:
+            record = self._build_record(optimizer)
+        except MissingPerSampleGradientsError:
+            raise
+        except Exception as error:  # noqa: BLE001 - logging must never stop training
+            # NOTE: under DPDDP, a rank that fails before the all-gather of the norms
+            # leaves the other ranks waiting in it.
+            self._log_failure("compute the gradient-norm record", error)
+            return
+        if record is None:
+            return
+
+        self.last_record = record
+        self._write(record)
+        self.dashboard.count_logged_step(self._writer, record.step)
+
+    def _build_record(self, optimizer: DPOptimizer) -> GradNormRecord | None:
+        """Return the record of a logged step, or None if its private release is withheld."""
         assert self._reader is not None
         if self._pending:
             max_grad_norm = self._pending[-1].max_grad_norm
@@ -483,12 +546,8 @@ class GradNormCallback:
             released = self._private.release(record)
             if released is None:
                 self._withhold(record.step)
-                return
-            record = released
-
-        self.last_record = record
-        self._write(record)
-        self.dashboard.count_logged_step(self._writer, record.step)
+            return released
+        return record
 
     def _gather_norms(self, norms: StepNorms | None) -> StepNorms | None:
         """Return the global batch's norms under ``DPDDP``; the local ones otherwise."""
@@ -517,10 +576,13 @@ class GradNormCallback:
         if self.fallback == "raise":
             raise MissingPerSampleGradientsError(message)
         if not self._warned_fallback:
+            # Level 7 is the caller of optimizer.step(): above this method are
+            # _build_record, _finish_step, _on_pre_step, the pre_step wrapper and
+            # DPOptimizer.step.
             warnings.warn(
                 f"{message}; logging synthetic norms under '{self.tag_prefix}/synthetic/'",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=7,
             )
             self._warned_fallback = True
         # Opacus's expected_batch_size is per rank under DPDDP.
@@ -545,15 +607,19 @@ class GradNormCallback:
         )
 
     def _write(self, record: GradNormRecord) -> None:
+        """Write and flush one record, logging non-finite norms and failures instead of raising."""
         if self._writer is None:
             return
         assert self._limits is not None
-        for name, bound in record.layer_max_grad_norms.items():
-            # Per-layer clipping piles each parameter up at its own bound, so its buckets are
-            # laid around that bound, once for the run.
-            if name not in self._layer_limits:
-                self._layer_limits[name] = bucket_limits(bound)
+        if record.num_nonfinite:
+            self._warn_nonfinite(record)
+
         try:
+            for name, bound in record.layer_max_grad_norms.items():
+                # Per-layer clipping piles each parameter up at its own bound, so its buckets
+                # are laid around that bound, once for the run.
+                if name not in self._layer_limits:
+                    self._layer_limits[name] = bucket_limits(bound)
             write_record(
                 self._writer,
                 record,
@@ -561,14 +627,62 @@ class GradNormCallback:
                 limits=self._limits,
                 layer_limits=self._layer_limits,
             )
-        except Exception:  # noqa: BLE001 - logging must never stop training
-            self.write_failures += 1
-            logger.exception(
-                "failed to write gradient norms of step %d to TensorBoard "
-                "(failure %d); training continues",
-                record.step,
-                self.write_failures,
-            )
+            # Flushing every logged step bounds what a kill can lose to the step in
+            # progress. The writer's own timer flushes only every flush_secs (120 s by
+            # default).
+            self._writer.flush()
+        except Exception as error:  # noqa: BLE001 - logging must never stop training
+            self._log_failure("write the gradient-norm record to TensorBoard", error)
+            if self._owns_writer and self._reopen_limit.allow() is not None:
+                self._reopen_writer()
+
+    def _reopen_writer(self) -> None:
+        """Replace the writer the callback created after a failed write.
+
+        The writer may have failed for good, see :func:`reopen_writer`. Keeps the old
+        writer if no new one can be opened.
+        """
+        assert self._writer is not None and self._writer_finalizer is not None
+        writer = reopen_writer(self._writer)
+        if writer is None:
+            return
+        self._writer_finalizer.detach()
+        close_writer(self._writer)
+        self._writer = writer
+        self._writer_finalizer = weakref.finalize(self, close_writer, writer)
+
+    def _warn_nonfinite(self, record: GradNormRecord) -> None:
+        suppressed = self._nonfinite_log.allow()
+        if suppressed is None:
+            return
+        logger.warning(
+            "step %d: %d of %d per-sample gradient norms are NaN or infinite, which usually "
+            "means a diverging loss or non-finite inputs. They are counted in '%s/nonfinite' "
+            "and left out of the histograms and quantiles.%s",
+            record.step,
+            record.num_nonfinite,
+            record.num_samples,
+            tag_root(self.tag_prefix, record.synthetic),
+            f" {suppressed} more steps had non-finite norms since the last warning."
+            if suppressed
+            else "",
+        )
+
+    def _log_failure(self, action: str, error: Exception) -> None:
+        self.write_failures += 1
+        suppressed = self._failure_log.allow()
+        if suppressed is None:
+            return
+        logger.error(
+            "failed to %s at step %d: %s. Training continues and the next logged step "
+            "writes again (%d failures so far, %d of them not logged).",
+            action,
+            self._step,
+            error,
+            self.write_failures,
+            suppressed,
+            exc_info=error,
+        )
 
     # ------------------------------------------------------------------ helpers
 

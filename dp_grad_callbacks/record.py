@@ -76,16 +76,23 @@ class GradNormRecord:
 
     @property
     def clipped_fraction(self) -> float:
-        """Fraction of samples whose norm exceeded its bound, or NaN for an empty step.
+        """Fraction of the samples with a finite norm whose norm exceeded its bound.
 
-        In a private record, the share of the noisy counts at or above C, with negative
-        counts set to zero.
+        NaN when no norm is finite, as for an empty step. In a private record, the share of
+        the noisy counts at or above C, with negative counts set to zero.
         """
         if self.noisy_counts is not None and self.bucket_limits is not None:
             counts = clip_negative_counts(self.noisy_counts)
             return fraction_at_or_above(counts, self.bucket_limits, self.max_grad_norm)
+        finite = np.isfinite(self.before)
         if self.clipped is None:
-            return clipped_fraction(self.before, self.max_grad_norm)
-        if self.clipped.size == 0:
+            return clipped_fraction(self.before[finite], self.max_grad_norm)
+        clipped = self.clipped[finite]
+        if clipped.size == 0:
             return float("nan")
-        return float(np.count_nonzero(self.clipped) / self.clipped.size)
+        return float(np.count_nonzero(clipped) / clipped.size)
+
+    @property
+    def num_nonfinite(self) -> int:
+        """Number of norms before clipping that are NaN or infinite."""
+        return int(np.count_nonzero(~np.isfinite(self.before)))

@@ -28,12 +28,14 @@ def tag_root(prefix: str, synthetic: bool) -> str:
 def write_histogram(
     writer: SummaryWriter, tag: str, values: np.ndarray, limits: np.ndarray, step: int
 ) -> None:
-    """Write a histogram of ``values`` over fixed bucket ``limits``; nothing for no values.
+    """Write a histogram of the finite ``values`` over fixed bucket ``limits``.
 
+    NaN and infinite values are left out, and nothing is written when no value is finite.
     Empty buckets at both ends are dropped, keeping one on each side of the data so that
     TensorBoard can draw the outer buckets' widths.
     """
     values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
     if values.size == 0:
         return
     counts = bucket_counts(values, limits)
@@ -66,19 +68,23 @@ def write_record(
     Tags, under ``root = prefix`` (or ``prefix/synthetic`` for synthetic norms):
     ``root/before_clipping`` and ``root/after_clipping`` histograms, and the scalars
     ``root/clipped_fraction``, ``root/median``, ``root/p90``, ``root/max`` (all of the norms
-    before clipping), ``root/max_grad_norm`` and ``root/samples``. A step without samples
-    writes only ``samples`` and ``max_grad_norm``. A private record goes to
-    :func:`write_noisy_record`.
+    before clipping), ``root/max_grad_norm``, ``root/samples`` and ``root/nonfinite``.
+
+    NaN and infinite norms are counted in ``nonfinite`` and left out of the histograms and
+    of the other scalars, which describe the finite norms only. A step without a finite
+    norm writes only ``samples``, ``max_grad_norm`` and ``nonfinite``. A private record
+    goes to :func:`write_noisy_record`.
     """
     if record.private:
         write_noisy_record(writer, record, prefix=prefix)
         return
     root = tag_root(prefix, record.synthetic)
     step = record.step
-    before = record.before
+    before = record.before[np.isfinite(record.before)]
 
-    writer.add_scalar(f"{root}/samples", before.size, step)
+    writer.add_scalar(f"{root}/samples", record.before.size, step)
     writer.add_scalar(f"{root}/max_grad_norm", record.max_grad_norm, step)
+    writer.add_scalar(f"{root}/nonfinite", record.before.size - before.size, step)
     if before.size == 0:
         return
 

@@ -186,7 +186,9 @@ def test_event_file_tags_steps_and_counts(tmp_path, log_every):
     expected_steps = [s for s in range(len(counts)) if s % log_every == 0]
     scalar_tags = {
         f"grad_norm/{name}"
-        for name in ("clipped_fraction", "median", "p90", "max", "max_grad_norm", "samples")
+        for name in (
+            "clipped_fraction", "median", "p90", "max", "max_grad_norm", "samples", "nonfinite"
+        )
     }
     assert set(events.Tags()["scalars"]) == scalar_tags
     assert set(events.Tags()["histograms"]) == {
