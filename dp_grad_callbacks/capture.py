@@ -93,6 +93,8 @@ def param_norm_matrix(grad_samples: list[torch.Tensor]) -> torch.Tensor:
     """
     if len(grad_samples[0]) == 0:
         return torch.zeros((0, len(grad_samples)), device=grad_samples[0].device)
+    # NOTE: Opacus computes float16 norms in float16, so a norm above 65504 is inf there
+    # and Opacus scales that sample's gradient by 0, while the logged ``after`` shows C.
     per_param = [_upcast(g).reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples]
     device = per_param[0].device
     per_param = [norm.to(device) for norm in per_param]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 import dp_grad_callbacks.callback
@@ -13,6 +14,8 @@ from dp_grad_callbacks import GradNormCallback
 from training import assert_bitwise_equal, parameters, train
 
 STEPS = 6
+# Number of event records per logged step: seven scalars and two histograms.
+RECORDS_PER_STEP = 9
 
 
 class FlakyWriter(SummaryWriter):
@@ -33,6 +36,24 @@ class FailingFlushWriter(SummaryWriter):
 
     def flush(self):
         raise OSError(5, "Input/output error")
+
+
+def kill_writer_thread_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the first event record of logged ``step`` fail in the writer's background thread.
+
+    Record 0 of an event file is its header. The thread stores the error, stops, and the
+    SummaryWriter raises that error from every later call.
+    """
+    write = RecordWriter.write
+    records = []
+
+    def write_or_fail(self, data):
+        records.append(data)
+        if len(records) == 1 + step * RECORDS_PER_STEP + 1:
+            raise OSError(28, "No space left on device")
+        write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write_or_fail)
 
 
 def failure_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -138,3 +159,36 @@ def test_failed_record_build_counted(tmp_path, caplog, monkeypatch):
     logs = failure_logs(caplog)
     assert len(logs) == 1
     assert "broken on purpose" in logs[0].getMessage()
+
+
+def test_dead_owned_writer_replaced(tmp_path, caplog, monkeypatch):
+    expected = trained_without_callback()
+    private = make_private()
+    kill_writer_thread_at_step(monkeypatch, 2)
+    with caplog.at_level(logging.ERROR), GradNormCallback(tmp_path) as callback:
+        callback.attach(private.optimizer)
+        train(private, STEPS)
+
+    assert callback.write_failures == 1
+    assert_bitwise_equal(parameters(private), expected)
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert any("No space left on device" in record.getMessage() for record in failure_logs(caplog))
+
+    # The background thread of the first writer died at step 2, so step 2 is lost. Without
+    # a new writer every later step would fail with the same error.
+    events = read_events(tmp_path)
+    assert [event.step for event in events.Scalars("grad_norm/samples")] == [0, 1, 3, 4, 5]
+    assert [event.step for event in events.Histograms("grad_norm/after_clipping")] == [0, 1, 3, 4, 5]
+
+
+def test_dead_user_writer_keeps_failing(tmp_path, monkeypatch):
+    private = make_private()
+    kill_writer_thread_at_step(monkeypatch, 2)
+    writer = SummaryWriter(str(tmp_path))
+    with GradNormCallback(writer) as callback:
+        callback.attach(private.optimizer)
+        train(private, STEPS)
+
+    # The callback cannot replace a writer it did not create.
+    assert callback.write_failures == STEPS - 2
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
