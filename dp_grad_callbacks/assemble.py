@@ -124,6 +124,9 @@ def collect_step(
     )
 
 
+# An infinite norm has the clip factor 0 and gives inf * 0 = NaN, as in Opacus, which is
+# no reason for a RuntimeWarning.
+@np.errstate(invalid="ignore")
 def _batch_arrays(
     batch: BatchNorms,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
