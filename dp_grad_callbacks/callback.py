@@ -628,8 +628,8 @@ class GradNormCallback:
                 layer_limits=self._layer_limits,
             )
             # Flushing every logged step bounds what a kill can lose to the step in
-            # progress. The writer's own timer flushes only every flush_secs (120 s by
-            # default).
+            # progress. Otherwise events wait in the writer's queue for its background
+            # thread, which flushes the file only every flush_secs (120 s by default).
             self._writer.flush()
         except Exception as error:  # noqa: BLE001 - logging must never stop training
             self._log_failure("write the gradient-norm record to TensorBoard", error)
