@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +27,9 @@ from .runs import RunReadError, RunSummary, describe_steps, load_norm_series, se
 from .synthetic import DEFAULT_MEDIAN_RATIO, DEFAULT_SIGMA
 
 PROG = "dp-grad-callbacks"
+MAX_DPI = 1000
+MIN_CLIPPING_BOUND = 1e-30
+MAX_CLIPPING_BOUND = 1e30
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -116,11 +120,12 @@ def _add_dry_run(subparsers: Any) -> None:
         epilog=_EPILOG,
     )
     parser.add_argument(
-        "--logdir", type=Path, default=Path("runs/dry-run"),
-        help="directory of the run's event files, created if missing (default: %(default)s)",
+        "--logdir", type=_directory, default=None,
+        help="directory of the run's event files, created if missing "
+        "(default: runs/dry-run-<date>-<time>, so that runs never mix)",
     )
     parser.add_argument(
-        "--max-grad-norm", type=_positive_float, default=1.0, metavar="C",
+        "--max-grad-norm", type=_clipping_bound, default=1.0, metavar="C",
         help="clipping bound C, in gradient-norm units (default: %(default)s)",
     )
     parser.add_argument(
@@ -191,6 +196,8 @@ def _add_dry_run(subparsers: Any) -> None:
 
 def _run_dry_run(args: argparse.Namespace) -> int:
     privacy = _privacy_settings(args)
+    if args.logdir is None:
+        args.logdir = Path("runs") / time.strftime("dry-run-%Y%m%d-%H%M%S")
     if not args.tag_prefix.strip("/"):
         _usage_error(args, f"argument --tag-prefix: expected a non-empty tag, got {args.tag_prefix!r}")
 
@@ -298,8 +305,9 @@ def _run_summary(args: argparse.Namespace) -> int:
         f"suggested C: the median of the per-step median norms over the last "
         f"{args.recent_steps} logged steps with samples. It is a suggestion, not a tuned "
         "value. Adaptive clipping (Andrew et al., 2021) found the median norm to work well "
-        "as a clipping bound. Synthetic norms get no suggestion, because they are drawn "
-        "relative to C."
+        "as a clipping bound. Changing C changes the size of the clipped gradients, so "
+        "retune the learning rate with it, for example scaled by old C / new C. Synthetic "
+        "norms get no suggestion, because they are drawn relative to C."
     )
     print(textwrap.fill(note, width=88))
     return EXIT_OK
@@ -374,8 +382,8 @@ def _add_plot(subparsers: Any) -> None:
     )
     _add_series_options(parser)
     parser.add_argument(
-        "--dpi", type=_positive_int, default=100,
-        help="pixels per inch of the 8 x 9 inch image (default: %(default)s)",
+        "--dpi", type=_dpi, default=100,
+        help=f"pixels per inch of the 8 x 9 inch image, at most {MAX_DPI} (default: %(default)s)",
     )
     parser.set_defaults(handler=_run_plot)
 
@@ -469,6 +477,31 @@ def _positive_int(text: str) -> int:
     value = _parse(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _dpi(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DPI:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DPI} pixels per inch, got {text!r}")
+    return value
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+    return Path(text)
+
+
+def _clipping_bound(text: str) -> float:
+    value = _positive_float(text)
+    # TensorBoard stores scalars as float32, whose range the bucket limits C/1000 to
+    # 100 C and the norms around C must stay well inside.
+    if not MIN_CLIPPING_BOUND <= value <= MAX_CLIPPING_BOUND:
+        raise argparse.ArgumentTypeError(
+            f"expected a clipping bound between {MIN_CLIPPING_BOUND:g} and "
+            f"{MAX_CLIPPING_BOUND:g}, got {text!r}"
+        )
     return value
 
 

@@ -471,16 +471,32 @@ def test_more_failures_exit_1(dry, real, logdir, tmp_path, capsys, make_args, me
         (("export", ".", "--step", "-1"), "argument --step: expected a non-negative integer, got '-1'"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
         ((), "the following arguments are required: COMMAND"),
+        (("dry-run", "--max-grad-norm", "1e300"),
+         "argument --max-grad-norm: expected a clipping bound between 1e-30 and 1e+30, got '1e300'"),
+        (("dry-run", "--logdir", ""), "argument --logdir: expected a directory path, got an empty string"),
+        (("plot", ".", "--out", "p.png", "--dpi", "100000"),
+         "argument --dpi: expected at most 1000 pixels per inch, got '100000'"),
     ],
     ids=["negative-c", "nan-c", "text-batch", "noise-without-rate", "rate-without-noise",
          "dataset-below-batch", "rate-above-1", "delta-1", "empty-prefix", "plot-suffix",
-         "plot-without-out", "negative-step", "unknown-command", "no-command"],
+         "plot-without-out", "negative-step", "unknown-command", "no-command", "huge-c",
+         "empty-logdir", "huge-dpi"],
 )
 def test_more_usage_errors_exit_2(capsys, args, message):
     status, stderr = run_in_process(args, capsys)
 
     assert status == 2
     assert_one_line_error(stderr, message)
+
+
+def test_dry_run_default_logdir_is_new_per_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _ = run_in_process(("dry-run", "--steps", "2", "--batch-size", "4"), capsys)
+
+    assert status == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("dry-run-")
+    assert any(run.glob("events.out.tfevents.*"))
 
 
 def test_unexpected_error_one_line_or_traceback(monkeypatch, capsys, tmp_path):
