@@ -119,6 +119,12 @@ def check_privacy_mode(privacy: Any, histogram_noise: Any) -> None:
                 f"got {histogram_noise!r} with privacy='raw'"
             )
         return
+    if histogram_noise is None:
+        raise ValueError(
+            "histogram_noise is required with privacy='private', got None: pass the standard "
+            "deviation of the noise on each bucket count, such as histogram_noise=5.0, and "
+            "see preview_epsilon() for its privacy cost"
+        )
     _check_number("histogram_noise", histogram_noise)
 
 

@@ -1,8 +1,8 @@
 """Train a small MLP with DP-SGD on scikit-learn's handwritten digits and log gradient norms.
 
 Uses Opacus with Poisson sampling and a BatchMemoryManager whose physical batches are smaller
-than the logical ones, with GradNormCallback attached. Runs on CPU in seconds; the data set
-ships with scikit-learn, so nothing is downloaded.
+than the logical ones, with GradNormCallback attached. Runs on two CPU cores in under a
+minute; the data set ships with scikit-learn, so nothing is downloaded.
 
     python examples/train_digits.py --epochs 10 --max-grad-norm 1.0
 """

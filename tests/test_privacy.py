@@ -737,7 +737,7 @@ def test_private_does_not_warn_raw(tmp_path):
     ("options", "message"),
     [
         ({"privacy": "secret"}, r"privacy must be one of \('raw', 'private'\), got 'secret'"),
-        ({"privacy": "private"}, "histogram_noise must be a finite positive number, got None"),
+        ({"privacy": "private"}, "histogram_noise is required with privacy=.private., got None"),
         ({"privacy": "private", "histogram_noise": 0}, "histogram_noise.*got 0"),
         ({"privacy": "private", "histogram_noise": -1.0}, r"histogram_noise.*got -1\.0"),
         ({"privacy": "private", "histogram_noise": float("nan")}, "histogram_noise.*got nan"),
