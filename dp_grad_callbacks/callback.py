@@ -33,7 +33,7 @@ from .ratelimit import RateLimiter
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
-from .tensorboard import tag_root, write_record
+from .tensorboard import StepSummary, tag_root, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class GradNormCallback:
             else:
                 self._writer = open_writer(os.fspath(writer))
                 self._owns_writer = True
+        self._one_event_per_step = self._writer is not None and StepSummary.supports(self._writer)
 
         self.log_every = log_every
         self.tag_prefix = tag_prefix.strip("/")
@@ -620,13 +621,17 @@ class GradNormCallback:
                 # are laid around that bound, once for the run.
                 if name not in self._layer_limits:
                     self._layer_limits[name] = bucket_limits(bound)
+            # One event per logged step costs the writer far less than one per value.
+            sink = StepSummary(self._writer) if self._one_event_per_step else self._writer
             write_record(
-                self._writer,
+                sink,
                 record,
                 prefix=self.tag_prefix,
                 limits=self._limits,
                 layer_limits=self._layer_limits,
             )
+            if isinstance(sink, StepSummary):
+                sink.write()
             # Flushing every logged step bounds what a kill can lose to the step in
             # progress. Otherwise events wait in the writer's queue for its background
             # thread, which flushes the file only every flush_secs (120 s by default).
