@@ -134,7 +134,7 @@ def _loaded_jemalloc() -> str | None:
 
 
 def cpu_model() -> str:
-    """Return the CPU model name from ``/proc/cpuinfo``, or what ``platform`` knows."""
+    """Return the CPU model name from ``/proc/cpuinfo``, or the processor name from ``platform``."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
@@ -390,6 +390,10 @@ def supports_private() -> bool:
 
 
 def quiet_warnings() -> None:
-    """Hide warnings that every step repeats and that say nothing about the benchmark."""
+    """Hide warnings that repeat at every step or attach and carry no information here."""
     # Opacus's full backward hooks warn on every step when the inputs need no gradient.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    # Raw norms warn at every attach that the DP guarantee does not cover them.
+    raw_norms_warning = getattr(dp_grad_callbacks, "RawNormsWarning", None)
+    if raw_norms_warning is not None:
+        warnings.filterwarnings("ignore", category=raw_norms_warning)

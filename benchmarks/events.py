@@ -2,8 +2,10 @@
 
 Two sources of norms, both with the callback's default buckets: a real training run of
 the small conv net with the callback attached, and synthetic norms spread log-uniformly over
-every bucket, the worst case for the histogram's size. For comparison, the same real norms
-are also written with ``SummaryWriter.add_histogram``'s default buckets.
+every bucket, the worst case for the histogram's size. The synthetic norms are written both
+as the callback writes them, one event per logged step, and with one event per value. For
+comparison, the real norms are also written with ``SummaryWriter.add_histogram``'s default
+buckets.
 
 Run ``python benchmarks/events.py --help`` for the options.
 """
@@ -15,6 +17,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
@@ -24,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 import common
 from dp_grad_callbacks import GradNormCallback, GradNormRecord
 from dp_grad_callbacks.stats import bucket_limits, clipped_norms
-from dp_grad_callbacks.tensorboard import write_record
+from dp_grad_callbacks.tensorboard import StepSummary, write_record
 
 STEPS = 300
 SMOKE_STEPS = 5
@@ -45,26 +48,39 @@ def event_file(logdir: Path) -> Path:
 
 
 def value_sizes(path: Path) -> dict[str, list[int]]:
-    """Return the serialized size of every summary value in an event file, by kind.
+    """Return the serialized sizes of the record events in an event file, by kind.
 
-    Kinds: ``"histogram"``, ``"scalar"`` and ``"framing"``, the last being each event's
-    own fields (wall time, step) and its record framing, which no value accounts for.
+    Record events are those with histogram or scalar values. Kinds: ``"histogram"`` and
+    ``"scalar"`` for each value, ``"framing"`` for what each event adds around its values
+    (wall time, step and record framing), and ``"event"`` for each whole event with its
+    framing. The file's header event and the dashboard's text and layout are left out.
     """
     sizes: dict[str, list[int]] = defaultdict(list)
     for raw in RawEventFileLoader(str(path)).Load():
         event = event_pb2.Event.FromString(raw)
-        if not event.HasField("summary"):
+        values = event.summary.value if event.HasField("summary") else []
+        kinds = [_kind(value) for value in values]
+        if not any(kinds):
             continue
         value_bytes = 0
-        for value in event.summary.value:
+        for value, kind in zip(values, kinds, strict=True):
             # Each value is a length-delimited field of the summary: a tag byte, a length
             # varint and the value itself.
             size = value.ByteSize()
             size += 1 + len(_varint(size))
             value_bytes += size
-            sizes["histogram" if value.HasField("histo") else "scalar"].append(size)
+            sizes[kind or "other"].append(size)
         sizes["framing"].append(len(raw) - value_bytes + RECORD_FRAMING_BYTES)
+        sizes["event"].append(len(raw) + RECORD_FRAMING_BYTES)
     return sizes
+
+
+def _kind(value: Any) -> str | None:
+    if value.HasField("histo"):
+        return "histogram"
+    if value.HasField("simple_value"):
+        return "scalar"
+    return None
 
 
 def _varint(value: int) -> bytes:
@@ -77,15 +93,6 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
-
-
-def file_bytes_per_step(path: Path, steps: int) -> float:
-    """Return the event file's size, less its header event, per logged step."""
-    header = 0
-    for raw in RawEventFileLoader(str(path)).Load():
-        header = len(raw) + RECORD_FRAMING_BYTES
-        break
-    return (path.stat().st_size - header) / steps
 
 
 def measure_training(logdir: Path, *, steps: int, batch_size: int) -> tuple[list[str], np.ndarray]:
@@ -106,8 +113,14 @@ def measure_training(logdir: Path, *, steps: int, batch_size: int) -> tuple[list
     return size_row(f"{MODEL} training, batch {batch_size}", event_file(logdir), steps), norms
 
 
-def measure_worst_case(logdir: Path, *, steps: int, batch_size: int) -> list[str]:
-    """Write records whose norms fill every bucket, straight through ``write_record``."""
+def measure_worst_case(
+    logdir: Path, *, steps: int, batch_size: int, one_event_per_step: bool
+) -> list[str]:
+    """Write records whose norms fill every bucket, as the callback writes them.
+
+    With ``one_event_per_step=False`` each value gets its own event, as the callback does
+    for a writer without ``_get_file_writer``.
+    """
     limits = bucket_limits(common.MAX_GRAD_NORM)
     rng = np.random.default_rng(0)
     # One decade below the first limit to one above the last finite one: every bucket,
@@ -120,8 +133,15 @@ def measure_worst_case(logdir: Path, *, steps: int, batch_size: int) -> list[str
             record = GradNormRecord(
                 step, before, clipped_norms(before, common.MAX_GRAD_NORM), common.MAX_GRAD_NORM
             )
-            write_record(writer, record, prefix="grad_norm", limits=limits)
-    return size_row(f"synthetic norms over all {len(limits)} buckets, {size} a step", event_file(logdir), steps)
+            if one_event_per_step:
+                summary = StepSummary(writer)
+                write_record(summary, record, prefix="grad_norm", limits=limits)
+                summary.write()
+            else:
+                write_record(writer, record, prefix="grad_norm", limits=limits)
+    events = "one event per step" if one_event_per_step else "one event per value"
+    name = f"synthetic norms over all {len(limits)} buckets, {size} a step, {events}"
+    return size_row(name, event_file(logdir), steps)
 
 
 def measure_default_histogram(logdir: Path, norms: np.ndarray, *, steps: int) -> list[str]:
@@ -136,11 +156,10 @@ def size_row(name: str, path: Path, steps: int) -> list[str]:
     """Summarise one event file as a table row."""
     sizes = value_sizes(path)
     histograms = np.array(sizes["histogram"] or [0])
-    per_step_histograms = len(sizes["histogram"]) / steps
     return [
         name,
-        f"{file_bytes_per_step(path, steps):.0f}",
-        f"{per_step_histograms:.0f}",
+        f"{sum(sizes['event']) / steps:.0f}",
+        f"{len(sizes['histogram']) / steps:.0f}",
         f"{histograms.mean():.0f}",
         f"{histograms.max()}",
         f"{sum(sizes['scalar']) / steps:.0f}",
@@ -160,9 +179,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dp-grad-events-") as root:
         training_row, norms = measure_training(Path(root) / "training", steps=steps, batch_size=batch_size)
-        worst_row = measure_worst_case(Path(root) / "worst", steps=steps, batch_size=batch_size)
+        worst_rows = [
+            measure_worst_case(
+                Path(root) / f"worst-{one_event}",
+                steps=steps,
+                batch_size=batch_size,
+                one_event_per_step=one_event,
+            )
+            for one_event in (True, False)
+        ]
         default_row = measure_default_histogram(Path(root) / "default", norms, steps=steps)
-    rows = [training_row, worst_row, default_row]
+    rows = [training_row, *worst_rows, default_row]
     for row in rows:
         print(f"{row[0]}: {row[1]} bytes a step, largest histogram {row[4]} bytes", flush=True)
 
@@ -173,7 +200,7 @@ def main() -> None:
         lines += ["Smoke run: a few steps of a small batch; the sizes are not representative.", ""]
     lines += common.markdown_table(
         [
-            "norms", "file bytes per logged step", "histograms per step", "mean histogram bytes",
+            "norms", "bytes per logged step", "histograms per step", "mean histogram bytes",
             "largest histogram bytes", "scalar bytes per step", "event overhead bytes per step",
         ],
         rows,
@@ -183,10 +210,12 @@ def main() -> None:
         f"Target: a histogram takes at most {TARGET_HISTOGRAM_BYTES} bytes per logged step; the "
         f"largest of the callback's histograms took {largest} bytes, {verdict}.",
         "",
-        f"Each run logs {steps} steps. A histogram's bytes are its serialized summary value, "
-        "tag included. Event overhead is what each event adds around its values (wall time, "
-        f"step, and the {RECORD_FRAMING_BYTES} bytes of record framing). File bytes per logged "
-        "step exclude the file's header event.",
+        f"Each run logs {steps} steps. Bytes per logged step count the events that hold "
+        "histograms and scalars, with their record framing, and leave out the file's header "
+        "event and the dashboard's text and layout, which are written once at attach. A "
+        "histogram's bytes are its serialized summary value, tag included. Event overhead is "
+        f"what each event adds around its values: wall time, step, and the {RECORD_FRAMING_BYTES} "
+        "bytes of record framing.",
     ]
     common.write_section(args.results, "events", "Event size", lines)
 

@@ -1,9 +1,9 @@
 """Time the vectorised synthetic-norm generator against a plain Python loop.
 
 The loop draws each log-normal norm with its own Box-Muller transform, as the generator's
-first version did; it differs from that version only where the first version was wrong
-(it can no longer take the logarithm of 0, and adds no jitter to the density). Both sides
-draw from a seeded generator of their own and leave global random state alone.
+first version did. It differs from that version only where the first version was wrong: it
+cannot take the logarithm of 0, and it adds no jitter to the density. Both sides draw from
+a seeded generator of their own and leave global random state alone.
 
 Run ``python benchmarks/generator.py --help`` for the options.
 """

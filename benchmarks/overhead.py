@@ -3,9 +3,9 @@
 Every round runs one training step of each variant on the same batch: plain Opacus (the
 baseline), the callback at each ``log_every`` and privacy mode, and a reference hook that
 recomputes every per-sample norm from ``grad_sample``. The order is shuffled in every round.
-The ratio of a variant's step time to the baseline's step time in the same round cancels
-most of the drift of a shared machine; the script reports the median ratio and its
-quartiles. All variants start from the same seeds, so their parameters must end bitwise
+The script reports the median and quartiles of the ratio of a variant's step time to the
+baseline's step time in the same round. Such ratios cancel most of the drift of a shared
+machine. All variants start from the same seeds, so their parameters must end bitwise
 equal to the baseline's, which the script checks and reports.
 
 TensorBoard's writer serializes events on the calling thread but checksums and writes them
@@ -62,6 +62,7 @@ class Variant:
     flush: Callable[[], None]
     close: Callable[[], None]
     ratios: list[float] = field(default_factory=list)
+    added: list[float] = field(default_factory=list)
     logged: list[bool] = field(default_factory=list)
 
 
@@ -75,6 +76,7 @@ class Row:
     log_every: int
     baseline_ms: float
     ratios: np.ndarray | None = None
+    added_ms: np.ndarray | None = None
     logged: np.ndarray | None = None
     identical: bool | None = None
     error: str | None = None
@@ -236,6 +238,7 @@ def time_grid(
         baseline_times.append(elapsed[0])
         for index, variant in enumerate(variants, start=1):
             variant.ratios.append(elapsed[index] / elapsed[0])
+            variant.added.append(elapsed[index] - elapsed[0])
             variant.logged.append(round_index % variant.log_every == 0)
 
     baseline_ms = 1e3 * float(np.median(baseline_times))
@@ -250,6 +253,7 @@ def time_grid(
                 variant.log_every,
                 baseline_ms,
                 ratios=np.array(variant.ratios),
+                added_ms=1e3 * np.array(variant.added),
                 logged=np.array(variant.logged),
                 identical=common.same_parameters(baseline.model, variant.training.model),
             )
@@ -292,25 +296,31 @@ def describe(
     """Render the rows, the targets and the method as Markdown lines."""
     header = [
         "model", "sample mode", "variant", "log_every", "baseline step (ms)",
-        "median ratio", "quartiles", "logged-step median", "amortised ratio", "bitwise identical",
+        "median ratio", "quartiles", "logged-step median", "amortised ratio",
+        "added per logged step (ms)", "bitwise identical",
     ]
     table = []
     for row in rows:
         log_every = "every step" if row.variant == "reference hook" else str(row.log_every)
         if row.error is not None:
+            reason = row.error.replace("|", "/").replace("\n", " ")
             table.append(
                 [row.model, row.mode, row.variant, log_every, f"{row.baseline_ms:.2f}",
-                 f"not run: {row.error}", "", "", "", ""]
+                 f"not run: {reason}", "", "", "", "", ""]
             )
             continue
-        assert row.ratios is not None and row.logged is not None
+        assert row.ratios is not None
+        assert row.logged is not None
+        assert row.added_ms is not None
         q1, median, q3 = np.percentile(row.ratios, [25, 50, 75])
         logged = row.ratios[row.logged]
         logged_text = f"{np.median(logged):.3f} (n={logged.size})" if logged.size else "none"
+        added = row.added_ms[row.logged]
+        added_text = f"{np.median(added):.2f}" if added.size else "none"
         table.append(
             [row.model, row.mode, row.variant, log_every, f"{row.baseline_ms:.2f}",
              f"{median:.3f}", f"{q1:.3f} - {q3:.3f}", logged_text, f"{row.amortised():.3f}",
-             "yes" if row.identical else "**no**"]
+             added_text, "yes" if row.identical else "**no**"]
         )
 
     lines = []
@@ -355,6 +365,9 @@ def method_lines(modes: list[str], privacies: list[str]) -> list[str]:
         "steps are not logged, so the median shows the cost of an unlogged step. The amortised "
         "ratio weights the median of logged steps by 1/`log_every` and the median of unlogged "
         "steps by the rest: the expected slowdown of a long run.",
+        "- Added per logged step is the median, over logged steps, of the variant's step time "
+        "minus the baseline's: the absolute cost of one logged step, which depends little on "
+        "the model.",
         "- The reference hook recomputes every per-sample norm from `grad_sample` in a step "
         "pre-hook of the wrapped optimizer and writes them with `add_histogram` at every step.",
         f"- Sample modes in this run: {', '.join(modes)}; privacy modes: {', '.join(privacies)}. "

@@ -33,7 +33,7 @@ NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?x?$")
 SCRIPTS = {
     "overhead": ("overhead", ["baseline step (ms)", "median ratio", "amortised ratio"]),
     "memory": ("memory", ["RSS after warm-up (MB)", "RSS at end (MB)", "growth (MB)"]),
-    "events": ("events", ["file bytes per logged step", "largest histogram bytes"]),
+    "events": ("events", ["bytes per logged step", "largest histogram bytes"]),
     "generator": ("generator", ["vectorised (ms)", "Python loop (ms)", "speed-up"]),
 }
 
