@@ -300,13 +300,16 @@ def describe(
         "added per logged step (ms)", "bitwise identical",
     ]
     table = []
+    reasons: list[str] = []
     for row in rows:
         log_every = "every step" if row.variant == "reference hook" else str(row.log_every)
         if row.error is not None:
             reason = row.error.replace("|", "/").replace("\n", " ")
+            if reason not in reasons:
+                reasons.append(reason)
             table.append(
                 [row.model, row.mode, row.variant, log_every, f"{row.baseline_ms:.2f}",
-                 f"not run: {reason}", "", "", "", "", ""]
+                 f"not run ({reasons.index(reason) + 1})", "", "", "", "", ""]
             )
             continue
         assert row.ratios is not None
@@ -327,6 +330,9 @@ def describe(
     if smoke:
         lines += ["Smoke run: tiny batches and a few rounds; the ratios mean nothing.", ""]
     lines += common.markdown_table(header, table)
+    if reasons:
+        lines += ["", "Cells not run, because the callback rejected the combination:", ""]
+        lines += [f"{number}. {reason}" for number, reason in enumerate(reasons, start=1)]
     lines += ["", *target_lines(rows), "", *method_lines(modes, privacies)]
     return lines
 

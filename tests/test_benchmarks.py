@@ -98,7 +98,7 @@ def test_benchmark_smoke_run(script: str, smoke_section) -> None:
         assert column in header
     for row in rows:
         if row.get("median ratio", "").startswith("not run"):
-            continue  # a grid cell the installed package cannot build; its reason is shown
+            continue  # a combination the callback rejects; the reason is listed below the table
         for column in numeric_columns:
             assert NUMBER.match(row[column]), f"{column} = {row[column]!r} in {row}"
 
@@ -111,6 +111,8 @@ def test_overhead_smoke_covers_grid(smoke_section) -> None:
         assert (model, "hooks", "reference hook", "every step") in cells
         for log_every in ("1", "10", "100"):
             assert (model, "hooks", "callback, raw", log_every) in cells
+            assert (model, "hooks", "callback, private", log_every) in cells
+            assert (model, "ghost", "callback, raw", log_every) in cells
 
 
 def test_write_section_replaces_in_place(tmp_path: Path) -> None:
