@@ -75,6 +75,7 @@ class Row:
     variant: str
     log_every: int
     baseline_ms: float
+    load: str = ""
     ratios: np.ndarray | None = None
     added_ms: np.ndarray | None = None
     logged: np.ndarray | None = None
@@ -198,6 +199,7 @@ def time_grid(
     logdir: Path,
 ) -> list[Row]:
     """Time every variant of one model and sample mode against its baseline."""
+    load = common.load_average().split(" / ")[0]
     baseline = common.make_training(spec, batch_size=batch_size, grad_sample_mode=mode)
     variants: list[Variant] = []
     failed: list[Row] = []
@@ -258,8 +260,9 @@ def time_grid(
                 identical=common.same_parameters(baseline.model, variant.training.model),
             )
         )
-    for row in failed:
+    for row in rows + failed:
         row.baseline_ms = baseline_ms
+        row.load = load
     return rows + failed
 
 
@@ -295,7 +298,7 @@ def describe(
 ) -> list[str]:
     """Render the rows, the targets and the method as Markdown lines."""
     header = [
-        "model", "sample mode", "variant", "log_every", "baseline step (ms)",
+        "model", "sample mode", "load", "variant", "log_every", "baseline step (ms)",
         "median ratio", "quartiles", "logged-step median", "amortised ratio",
         "added per logged step (ms)", "bitwise identical",
     ]
@@ -308,7 +311,7 @@ def describe(
             if reason not in reasons:
                 reasons.append(reason)
             table.append(
-                [row.model, row.mode, row.variant, log_every, f"{row.baseline_ms:.2f}",
+                [row.model, row.mode, row.load, row.variant, log_every, f"{row.baseline_ms:.2f}",
                  f"not run ({reasons.index(reason) + 1})", "", "", "", "", ""]
             )
             continue
@@ -321,7 +324,7 @@ def describe(
         added = row.added_ms[row.logged]
         added_text = f"{np.median(added):.2f}" if added.size else "none"
         table.append(
-            [row.model, row.mode, row.variant, log_every, f"{row.baseline_ms:.2f}",
+            [row.model, row.mode, row.load, row.variant, log_every, f"{row.baseline_ms:.2f}",
              f"{median:.3f}", f"{q1:.3f} - {q3:.3f}", logged_text, f"{row.amortised():.3f}",
              added_text, "yes" if row.identical else "**no**"]
         )
@@ -371,6 +374,9 @@ def method_lines(modes: list[str], privacies: list[str]) -> list[str]:
         "steps are not logged, so the median shows the cost of an unlogged step. The amortised "
         "ratio weights the median of logged steps by 1/`log_every` and the median of unlogged "
         "steps by the rest: the expected slowdown of a long run.",
+        "- Load is the 1-minute load average when the model and sample mode started. On 2 "
+        "cores, another busy process makes torch's two threads wait for each other, which "
+        "stretches small steps many times over and makes the ratios noisy.",
         "- Added per logged step is the median, over logged steps, of the variant's step time "
         "minus the baseline's: the absolute cost of one logged step, which depends little on "
         "the model.",
