@@ -200,18 +200,29 @@ class StepSummary:
 
     @staticmethod
     def supports(writer: SummaryWriter) -> bool:
-        """Tell whether ``writer`` has the file writer that :meth:`write` adds the event to.
+        """Tell whether one step's values may go to ``writer`` as one event.
 
-        ``_get_file_writer`` is private to ``torch.utils.tensorboard``, but every ``add_*``
-        method of ``SummaryWriter`` writes through it (torch 2.13). Without it, the caller
-        should write to the ``SummaryWriter`` itself.
+        Not when ``add_scalar`` or ``add_histogram_raw`` is overridden, by a subclass or on
+        the instance, because the values would then bypass the override. Not either without
+        ``_get_file_writer``, which is private to ``torch.utils.tensorboard`` but which every
+        ``add_*`` method of ``SummaryWriter`` writes through (torch 2.13). In both cases the
+        caller should write to ``writer`` itself.
         """
-        if callable(getattr(writer, "_get_file_writer", None)):
-            return True
-        logger.debug(
-            "%s has no _get_file_writer; writing one event per value", type(writer).__name__
-        )
-        return False
+        for name in ("add_scalar", "add_histogram_raw"):
+            method = getattr(writer, name, None)
+            if getattr(method, "__func__", None) is not getattr(SummaryWriter, name):
+                logger.debug(
+                    "%s overrides %s; writing through it, one event per value",
+                    type(writer).__name__,
+                    name,
+                )
+                return False
+        if not callable(getattr(writer, "_get_file_writer", None)):
+            logger.debug(
+                "%s has no _get_file_writer; writing one event per value", type(writer).__name__
+            )
+            return False
+        return True
 
     def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None:
         """Add a scalar as ``SummaryWriter.add_scalar`` writes it by default."""

@@ -21,6 +21,7 @@ TAGS = {
     "grad_norm/median",
     "grad_norm/p90",
     "grad_norm/max",
+    "grad_norm/nonfinite",
     "grad_norm/before_clipping",
     "grad_norm/after_clipping",
 }
@@ -114,10 +115,40 @@ def test_step_summary_rejects_mismatched_buckets(tmp_path):
             summary.add_histogram_raw("h", 0.0, 1.0, 2, 1.0, 1.0, [0.5, 1.0, 2.0], [1.0, 1.0], 0)
 
 
-def test_step_summary_supports_summary_writer_only(tmp_path):
-    with SummaryWriter(tmp_path) as writer:
+class CountingWriter(SummaryWriter):
+    """A SummaryWriter whose add_scalar override must see every scalar."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self.scalar_tags: list[str] = []
+
+    def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):
+        self.scalar_tags.append(tag)
+        return super().add_scalar(tag, scalar_value, global_step, *args, **kwargs)
+
+
+def test_step_summary_supports_plain_writer(tmp_path):
+    with SummaryWriter(tmp_path / "plain") as writer:
         assert StepSummary.supports(writer)
+    with CountingWriter(str(tmp_path / "subclass")) as writer:
+        assert not StepSummary.supports(writer)
+    with SummaryWriter(tmp_path / "instance") as writer:
+        writer.add_histogram_raw = lambda *args, **kwargs: None
+        assert not StepSummary.supports(writer)
     assert not StepSummary.supports(object())
+
+
+def test_writer_override_sees_every_scalar(tmp_path):
+    private = make_private(poisson=False)
+    writer = CountingWriter(str(tmp_path))
+    with GradNormCallback(writer, log_every=1) as callback:
+        callback.attach(private.optimizer)
+        train(private)
+    writer.close()
+
+    scalar_tags = TAGS - {"grad_norm/before_clipping", "grad_norm/after_clipping"}
+    assert set(writer.scalar_tags) >= scalar_tags
+    assert writer.scalar_tags.count("grad_norm/median") == 4
 
 
 def test_fallback_writes_event_per_value(tmp_path, monkeypatch):
