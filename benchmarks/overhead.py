@@ -9,10 +9,10 @@ machine. All variants start from the same seeds, so their parameters must end bi
 equal to the baseline's, which the script checks and reports.
 
 TensorBoard's writer serializes events on the calling thread but checksums and writes them
-on a thread of its own, whose work would otherwise land in whichever step runs next. Each
-timed step of a variant that writes therefore ends with the writer's ``flush()``, which
-waits for that thread. This charges the variant for all of its writing, a few microseconds
-of flushing included, so the ratios err on the high side.
+on a thread of its own, whose work would otherwise land in whichever step runs next. The
+callback flushes its writer at every logged step, which waits for that thread. Each timed
+step of a variant that writes also ends with the writer's ``flush()``, which covers the
+reference hook and costs a few microseconds when nothing is pending.
 
 Run ``python benchmarks/overhead.py --help`` for the options.
 """
@@ -369,7 +369,7 @@ def method_lines(modes: list[str], privacies: list[str]) -> list[str]:
         "variants is shuffled in every round.",
         "- A variant that writes events ends each timed step with the writer's `flush()`, so "
         "the work of TensorBoard's writer thread (checksums and file writes) is charged to it "
-        "and not to the next step. This errs on the high side.",
+        "and not to the next step. The callback flushes at every logged step anyway.",
         "- Median ratio and quartiles are over all measured rounds. With `log_every` > 1 most "
         "steps are not logged, so the median shows the cost of an unlogged step. The amortised "
         "ratio weights the median of logged steps by 1/`log_every` and the median of unlogged "
