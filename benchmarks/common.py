@@ -166,14 +166,19 @@ def load_average() -> str:
 
 
 def git_commit() -> str:
-    """Return the repository's short commit hash, with ``+changes`` for a dirty tree."""
+    """Return the repository's short commit hash, with ``+changes`` for a dirty tree.
+
+    Changes to RESULTS.md do not count, because the benchmarks write it themselves.
+    """
+    root = BENCHMARKS_DIR.parent
     try:
         commit = subprocess.run(
-            ["git", "-C", str(BENCHMARKS_DIR), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(BENCHMARKS_DIR), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+             "--", ".", f":(exclude){RESULTS_PATH.relative_to(root)}"],
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -28,7 +28,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    options = ["--results", str(args.results), *(["--smoke"] if args.smoke else [])]
+    # Each script shows its command in the results, so pass only the options given here.
+    options = ["--smoke"] if args.smoke else []
+    if args.results != common.RESULTS_PATH:
+        options += ["--results", str(args.results)]
     failed = []
     for name in args.only:
         print(f"--- {name}", flush=True)
