@@ -374,9 +374,10 @@ def method_lines(modes: list[str], privacies: list[str]) -> list[str]:
         "steps are not logged, so the median shows the cost of an unlogged step. The amortised "
         "ratio weights the median of logged steps by 1/`log_every` and the median of unlogged "
         "steps by the rest: the expected slowdown of a long run.",
-        "- Load is the 1-minute load average when the model and sample mode started. On 2 "
-        "cores, another busy process makes torch's two threads wait for each other, which "
-        "stretches small steps many times over and makes the ratios noisy.",
+        "- Load is the 1-minute load average when the model and sample mode started; the "
+        "benchmark's own two threads add about 2 once it runs. On 2 cores, another busy "
+        "process makes torch's two threads wait for each other, which stretches small steps "
+        "many times over and makes the ratios noisy.",
         "- Added per logged step is the median, over logged steps, of the variant's step time "
         "minus the baseline's: the absolute cost of one logged step, which depends little on "
         "the model.",
