@@ -1,6 +1,6 @@
 """Pure functions over per-sample gradient norms: clipping, fractions, quantiles, buckets.
 
-Nothing here knows Opacus or TensorBoard. Inputs are 1-D arrays of norms; non-finite
+Nothing here depends on Opacus or TensorBoard. Inputs are 1-D arrays of norms; non-finite
 entries are the caller's concern unless a docstring says otherwise.
 """
 
@@ -105,7 +105,7 @@ def bucket_limits(
 
 
 def bucket_counts(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
-    """Count values per bucket, where bucket ``i`` holds ``limits[i-1] <= v < limits[i]``.
+    """Count values per bucket, where bucket ``i`` contains ``limits[i-1] <= v < limits[i]``.
 
     The first bucket is open below. NaN values are not counted; ``+inf`` goes to the last
     bucket and ``-inf`` to the first.
