@@ -10,6 +10,7 @@ minute; the data set ships with scikit-learn, so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"final test accuracy: {accuracy(model, test_set):.3f}")
     print(f"epsilon: {privacy_engine.get_epsilon(args.delta):.3f} at delta = {args.delta:g}")
     print(f"gradient norms logged to {logdir}")
-    print(f"open them with: tensorboard --logdir {logdir.parent}")
+    # The tensorboard script sits next to this interpreter, which may not be on PATH.
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    command = tensorboard if tensorboard.exists() else "tensorboard"
+    print(f"open them with: {command} --logdir {logdir.parent}")
 
 
 if __name__ == "__main__":
