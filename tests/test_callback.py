@@ -8,23 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import IN_FEATURES, brute_force_norms, make_private, read_events
+from training import train_epochs, train_step
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks import GradNormCallback, GradNormRecord, MissingPerSampleGradientsError
 from dp_grad_callbacks import capture as capture_module
-
-
-def train_step(private, x, y):
-    private.optimizer.zero_grad()
-    private.criterion(private.model(x), y).backward()
-    private.optimizer.step()
-
-
-def train(private, epochs=1):
-    for _ in range(epochs):
-        for x, y in private.loader:
-            train_step(private, x, y)
 
 
 @pytest.mark.parametrize("poisson", [True, False])
@@ -160,7 +149,7 @@ def test_poisson_empty_batches_write_no_histogram(tmp_path):
         callback.attach(private.optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            train(private)
+            train_epochs(private)
 
     events = read_events(tmp_path)
     samples = {s.step: s.value for s in events.Scalars("grad_norm/samples")}
@@ -243,7 +232,7 @@ def run_training(attach, poisson, seed=3):
     callback = None
     if attach is not None:
         callback = GradNormCallback(attach).attach(private.optimizer)
-    train(private, epochs=2)
+    train_epochs(private, epochs=2)
     if callback is not None:
         callback.close()
     params = [p.detach().clone() for p in private.model.parameters()]

@@ -15,18 +15,10 @@ from dp_grad_callbacks import GradNormCallback
 from dp_grad_callbacks import dashboard
 from dp_grad_callbacks.dashboard import EPSILON_TAG, custom_scalar_layout, dp_settings
 
-from conftest import Private, make_private, read_events
+from conftest import make_private, read_events
+from training import train
 
 DELTA = 1e-5
-
-
-def train(private: Private, steps: int) -> None:
-    batches = iter(private.loader)
-    for _ in range(steps):
-        x, y = next(batches)
-        private.optimizer.zero_grad()
-        private.criterion(private.model(x), y).backward()
-        private.optimizer.step()
 
 
 def read_layout(logdir: Path) -> layout_pb2.Layout:

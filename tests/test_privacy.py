@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import IN_FEATURES, make_mlp, make_private, read_events
+from training import train_epochs, train_step
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
@@ -30,18 +31,6 @@ from dp_grad_callbacks.tensorboard import write_record
 
 NOISE = 2.0  # histogram noise s of most tests
 DELTA = 1e-5
-
-
-def train_step(private, x, y):
-    private.optimizer.zero_grad()
-    private.criterion(private.model(x), y).backward()
-    private.optimizer.step()
-
-
-def train(private, epochs=1):
-    for _ in range(epochs):
-        for x, y in private.loader:
-            train_step(private, x, y)
 
 
 def use_accountant(private, mechanism):
@@ -89,7 +78,7 @@ def test_every_logged_step_charged_with_z_eff(tmp_path, mechanism):
     accountant = use_accountant(private, mechanism)
     callback = private_callback(tmp_path, private)
 
-    train(private, epochs=2)
+    train_epochs(private, epochs=2)
     callback.close()
 
     z_eff = (1.0**-2 + NOISE**-2) ** -0.5
@@ -108,7 +97,7 @@ def test_only_logged_steps_charged(tmp_path, mechanism):
     accountant = use_accountant(private, mechanism)
     callback = private_callback(tmp_path, private, log_every=3)
 
-    train(private, epochs=3)  # 12 steps, of which 0, 3, 6 and 9 are logged
+    train_epochs(private, epochs=3)  # 12 steps, of which 0, 3, 6 and 9 are logged
     callback.close()
 
     z_eff = (1.0**-2 + NOISE**-2) ** -0.5
@@ -124,7 +113,7 @@ def test_grouped_history_keeps_epsilon(tmp_path):
     private = make_private()
     accountant = use_accountant(private, "rdp")
     callback = private_callback(tmp_path, private, log_every=3)
-    train(private, epochs=3)
+    train_epochs(private, epochs=3)
     callback.close()
 
     z_eff = combined_noise_multiplier(1.0, NOISE)
@@ -141,10 +130,10 @@ def test_grouped_history_keeps_epsilon(tmp_path):
 
 def test_unlogged_run_costs_as_without_callback(tmp_path):
     plain = make_private(seed=4)
-    train(plain, epochs=2)
+    train_epochs(plain, epochs=2)
     observed = make_private(seed=4)
     callback = private_callback(tmp_path, observed, log_every=100)
-    train(observed, epochs=2)
+    train_epochs(observed, epochs=2)
     callback.close()
 
     z_eff = combined_noise_multiplier(1.0, NOISE)
@@ -175,11 +164,11 @@ def test_batch_memory_manager_charges_logical_steps(tmp_path):
 def test_preview_matches_trained_epsilon(tmp_path):
     plain = make_private(seed=2)
     use_accountant(plain, "rdp")
-    train(plain, epochs=3)
+    train_epochs(plain, epochs=3)
     observed = make_private(seed=2)
     use_accountant(observed, "rdp")
     callback = private_callback(tmp_path, observed, log_every=2)
-    train(observed, epochs=3)
+    train_epochs(observed, epochs=3)
     callback.close()
 
     preview = preview_epsilon(
@@ -460,7 +449,7 @@ def test_reattach_continues_noise_stream(tmp_path):
 def test_dry_run_releases_noisy_synthetic_counts(tmp_path):
     private = make_private()
     callback = private_callback(tmp_path, private, dry_run=True)
-    train(private)
+    train_epochs(private)
     callback.close()
 
     record = callback.last_record
@@ -482,7 +471,7 @@ def run_training(logdir, poisson, seed=3):
     callback = None
     if logdir is not None:
         callback = private_callback(logdir, private, seed=9)
-    train(private, epochs=2)
+    train_epochs(private, epochs=2)
     if callback is not None:
         callback.close()
     return [p.detach().clone() for p in private.model.parameters()]
@@ -625,7 +614,7 @@ def test_wrapped_hook_needs_privacy_engine(tmp_path):
         delta=DELTA,
     )
     callback.attach(private.optimizer)
-    train(private)
+    train_epochs(private)
     callback.close()
 
     z_eff = combined_noise_multiplier(1.0, NOISE)
@@ -655,7 +644,7 @@ def test_uncharged_step_is_withheld(tmp_path, caplog):
     )
 
     with caplog.at_level(logging.ERROR, logger="dp_grad_callbacks.callback"):
-        train(private)
+        train_epochs(private)
     callback.close()
 
     assert callback.withheld_releases == 4

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_private, read_events
+from training import train_epochs
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,18 +48,11 @@ def make_record(step: int, seed: int = 0) -> GradNormRecord:
     return GradNormRecord(step, before, clipped_norms(before, 1.0), 1.0)
 
 
-def train(private) -> None:
-    for x, y in private.loader:
-        private.optimizer.zero_grad()
-        private.criterion(private.model(x), y).backward()
-        private.optimizer.step()
-
-
 def test_one_event_per_logged_step(tmp_path):
     private = make_private(poisson=False)
     with GradNormCallback(tmp_path, log_every=1) as callback:
         callback.attach(private.optimizer)
-        train(private)
+        train_epochs(private)
 
     events = record_events(tmp_path)
     assert [event.step for event in events] == [0, 1, 2, 3]
@@ -143,7 +137,7 @@ def test_writer_override_sees_every_scalar(tmp_path):
     writer = CountingWriter(str(tmp_path))
     with GradNormCallback(writer, log_every=1) as callback:
         callback.attach(private.optimizer)
-        train(private)
+        train_epochs(private)
     writer.close()
 
     scalar_tags = TAGS - {"grad_norm/before_clipping", "grad_norm/after_clipping"}
@@ -156,7 +150,7 @@ def test_fallback_writes_event_per_value(tmp_path, monkeypatch):
     private = make_private(poisson=False)
     with GradNormCallback(tmp_path, log_every=1) as callback:
         callback.attach(private.optimizer)
-        train(private)
+        train_epochs(private)
 
     events = record_events(tmp_path)
     assert len(events) == 4 * len(TAGS)

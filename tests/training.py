@@ -11,6 +11,20 @@ from conftest import Private
 Corrupt = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def train_step(private: Private, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Run one forward pass, backward pass and optimizer step on one batch."""
+    private.optimizer.zero_grad()
+    private.criterion(private.model(x), y).backward()
+    private.optimizer.step()
+
+
+def train_epochs(private: Private, epochs: int = 1) -> None:
+    """Run ``epochs`` passes over the private loader."""
+    for _ in range(epochs):
+        for x, y in private.loader:
+            train_step(private, x, y)
+
+
 def train(private: Private, steps: int, *, corrupt: Corrupt | None = None) -> None:
     """Run ``steps`` optimizer steps over the private loader, epoch after epoch.
 
@@ -21,9 +35,7 @@ def train(private: Private, steps: int, *, corrupt: Corrupt | None = None) -> No
         for x, y in private.loader:
             if corrupt is not None:
                 x = corrupt(done, x)
-            private.optimizer.zero_grad()
-            private.criterion(private.model(x), y).backward()
-            private.optimizer.step()
+            train_step(private, x, y)
             done += 1
             if done == steps:
                 return
