@@ -17,6 +17,13 @@ def test_log_norms_have_documented_moments():
     assert logs.std() == pytest.approx(0.8, abs=0.01)
 
 
+def test_sampler_matches_numpy_lognormal():
+    # Equal up to rounding in exp, because the sampler draws the same normals.
+    norms = synthetic.sample_gradient_norms(2.0, 10_000, sigma=1.3, seed=3)
+    expected = np.random.default_rng(3).lognormal(math.log(2.0) - 0.5, 1.3, 10_000)
+    np.testing.assert_allclose(norms, expected, rtol=1e-15, atol=0)
+
+
 def test_point_lists_have_documented_moments():
     points = synthetic.generate_gradient_norms(1.5, 100_000, seed=1)
     logs = np.log([p["x"] for p in points])
