@@ -9,9 +9,12 @@ the log directory itself. Inside a run, a tag root is a prefix ``R`` with the sc
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,6 +38,10 @@ HISTOGRAM_NAMES = ("before_clipping", "after_clipping")
 
 class RunReadError(Exception):
     """A log directory, run, tag root or step that is missing or contains no gradient norms."""
+
+
+class DamagedEventFileWarning(UserWarning):
+    """An event file that TensorBoard stopped reading at a damaged or incomplete record."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,8 @@ def load_norm_series(
     series = []
     for name, path in runs.items():
         accumulator = EventAccumulator(path, size_guidance={HISTOGRAMS: 0, SCALARS: 0})
-        accumulator.Reload()
+        with _warning_on_data_loss(name):
+            accumulator.Reload()
         series.extend(
             NormSeries(name, path, root, accumulator) for root in _tag_roots(accumulator)
         )
@@ -345,6 +353,47 @@ def describe_steps(steps: Sequence[int]) -> str:
         return ", ".join(str(step) for step in steps)
     head = ", ".join(str(step) for step in steps[:3])
     return f"{head}, ..., {steps[-1]} ({len(steps)} steps)"
+
+
+@contextlib.contextmanager
+def _warning_on_data_loss(run: str) -> Iterator[None]:
+    """Warn about each event file that TensorBoard's reader stops reading early.
+
+    On a record that fails its CRC check or ends early, TensorBoard's loader drops the
+    rest of the file and reports it only in a debug log line. A filter on its logger picks
+    that line up and passes on only what the logger's level would have let through.
+    """
+    logger = logging.getLogger("tensorboard")
+    level = logger.getEffectiveLevel()
+    lost: list[tuple[str, str]] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        # event_file_loader logs "Truncated record in %s (%s)" with the path and the error.
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("Truncated record in") and len(args) == 2:
+            lost.append((str(args[0]), str(args[1])))
+        return record.levelno >= level
+
+    old_level = logger.level
+    logger.addFilter(keep)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+        logger.removeFilter(keep)
+
+    for path, error in lost:
+        if "crc" in error.lower():
+            reason = "a record that fails its CRC check (the file is damaged)"
+        else:
+            reason = "an incomplete record (a file that is still being written ends this way)"
+        warnings.warn(
+            f"run {run!r}: TensorBoard stopped reading {path} at {reason}. "
+            f"Events after that record are missing.",
+            DamagedEventFileWarning,
+            stacklevel=3,
+        )
 
 
 def _tag_roots(accumulator: EventAccumulator) -> list[str]:

@@ -544,3 +544,18 @@ def test_console_script_is_declared():
 
     assert pyproject["project"]["scripts"]["dp-grad-callbacks"] == "dp_grad_callbacks.cli:main"
     assert [entry.value for entry in installed] == ["dp_grad_callbacks.cli:main"]
+
+
+def test_summary_damaged_file_one_warning(real, logdir, tmp_path, capsys):
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (source,) = (logdir / "real").glob("events.out.tfevents.*")
+    data = source.read_bytes()
+    (run / source.name).write_bytes(data[: len(data) // 2])
+
+    status, stderr = run_in_process(["summary", tmp_path], capsys)
+
+    assert status == 0
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith("dp-grad-callbacks: warning: run 'damaged': TensorBoard stopped")
+    assert "incomplete record" in stderr

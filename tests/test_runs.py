@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks.record import GradNormRecord
 from dp_grad_callbacks.runs import (
+    DamagedEventFileWarning,
     RunReadError,
     bucket_edges,
     describe_steps,
@@ -202,3 +205,54 @@ def test_gradient_info_unknown_step_lists_steps(tmp_path):
 
     with pytest.raises(RunReadError, match="step 3 not found.*Logged steps: 0, 4"):
         series.gradient_info(3)
+
+
+def damaged_run(logdir, damage):
+    """Write ten logged steps, then let ``damage(data)`` rewrite the event file's bytes."""
+    write_run(logdir, [real_record(step, [0.5, 2.0]) for step in range(10)])
+    (path,) = logdir.glob("events.out.tfevents.*")
+    path.write_bytes(damage(path.read_bytes()))
+    return path
+
+
+def flip_byte_at_two_thirds(data):
+    damaged = bytearray(data)
+    damaged[2 * len(data) // 3] ^= 0xFF
+    return bytes(damaged)
+
+
+def test_damaged_file_warns_keeps_earlier_steps(tmp_path):
+    path = damaged_run(tmp_path, flip_byte_at_two_thirds)
+
+    with pytest.warns(DamagedEventFileWarning, match="fails its CRC check") as caught:
+        (series,) = load_norm_series(tmp_path)
+
+    assert len(caught) == 1
+    assert str(path) in str(caught[0].message)
+    assert 0 < len(series.logged_steps) < 10
+    assert series.logged_steps == list(range(len(series.logged_steps)))
+
+
+def test_truncated_file_warns_incomplete(tmp_path):
+    damaged_run(tmp_path, lambda data: data[:-5])
+
+    with pytest.warns(DamagedEventFileWarning, match="incomplete record"):
+        (series,) = load_norm_series(tmp_path)
+
+    # The cut takes the last record, which can be any of step 9's events.
+    assert series.logged_steps[:9] == list(range(9))
+
+
+def test_intact_file_no_warning(tmp_path, caplog):
+    write_run(tmp_path, [real_record(step, [0.5, 2.0]) for step in range(3)])
+    tensorboard_logger = logging.getLogger("tensorboard")
+    level = tensorboard_logger.level
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (series,) = load_norm_series(tmp_path)
+
+    assert series.logged_steps == [0, 1, 2]
+    assert tensorboard_logger.level == level
+    assert not tensorboard_logger.filters
+    assert [r for r in caplog.records if r.name.startswith("tensorboard")] == []
