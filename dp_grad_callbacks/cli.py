@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .dryrun import ACCOUNTANTS, PrivacySettings, dry_run
+from .epsilon import AccountantError, EpsilonCostError
 from .runs import RunReadError, RunSummary, describe_steps, load_norm_series, select_series
 from .synthetic import DEFAULT_MEDIAN_RATIO, DEFAULT_SIGMA
 
@@ -64,9 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             return EXIT_FAILURE
-        except (RunReadError, OSError, ModuleNotFoundError) as error:
+        except (
+            RunReadError, OSError, ModuleNotFoundError, EpsilonCostError, AccountantError
+        ) as error:
             # OSError covers missing log directories and unwritable outputs, and
-            # ModuleNotFoundError a missing optional extra such as matplotlib.
+            # ModuleNotFoundError a missing optional extra such as matplotlib. The epsilon
+            # errors come from accountant parameters that the dry run cannot account for.
             _print_error(args, str(error))
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
@@ -277,7 +281,10 @@ def _add_summary(subparsers: Any) -> None:
     parser.add_argument("logdir", type=Path, metavar="LOGDIR", help="TensorBoard log directory")
     parser.add_argument(
         "--json", action="store_true",
-        help="print the same numbers as JSON, for scripts (default: a table)",
+        help=(
+            "print the same numbers as JSON, for scripts, with null for an infinite or NaN "
+            "value (default: a table)"
+        ),
     )
     parser.add_argument(
         "--recent-steps", type=_positive_int, default=10, metavar="STEPS",
@@ -296,7 +303,7 @@ def _run_summary(args: argparse.Namespace) -> int:
             "recent_steps": args.recent_steps,
             "runs": [asdict(summary) for summary in summaries],
         }
-        print(json.dumps(document, indent=2, allow_nan=False))
+        print(_json(document))
         return EXIT_OK
 
     print(_format_table(summaries))
@@ -420,7 +427,8 @@ def _add_export(subparsers: Any) -> None:
             'each a list of {"x": norm, "y": density} points sorted by x, one per histogram '
             "bucket: x is the bucket's midpoint and y the density of the norms there. This is "
             "the format of dp_grad_callbacks.synthetic.generate_gradient_info. A step "
-            "without samples gives empty lists."
+            "without samples gives empty lists, and an infinite or NaN value is null, "
+            "because JSON has no such numbers."
         ),
         epilog=_EPILOG,
     )
@@ -444,7 +452,7 @@ def _run_export(args: argparse.Namespace) -> int:
     step = args.step
     if step is None:
         step = (series.steps_with_samples or series.logged_steps)[-1]
-    text = json.dumps(series.gradient_info(step), indent=2, allow_nan=False)
+    text = _json(series.gradient_info(step))
 
     if args.out is None:
         print(text)
@@ -471,6 +479,21 @@ def _add_series_options(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- values and errors
+
+
+def _json(document: Any) -> str:
+    """Return ``document`` as standard JSON, with null for each infinite or NaN float."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(document), indent=2, allow_nan=False)
 
 
 def _positive_int(text: str) -> int:

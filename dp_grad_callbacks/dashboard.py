@@ -28,6 +28,7 @@ from opacus.optimizers import (
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 from torch.utils.tensorboard import SummaryWriter
 
+from .epsilon import check_epsilon_cost
 from .tensorboard import tag_root
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,9 @@ class Dashboard:
     """Writer of one callback's dashboard: the layout, the settings text and epsilon.
 
     Every write happens on rank 0 only, and a failing write is logged and counted in
-    ``failures`` instead of raised, so that the dashboard never stops training.
+    ``failures`` instead of raised, so that the dashboard never stops training. After the
+    first failure to compute epsilon, or a refusal by
+    :func:`~dp_grad_callbacks.epsilon.check_epsilon_cost`, no more epsilon is computed.
 
     Args:
         prefix: The callback's tag prefix.
@@ -239,6 +242,7 @@ class Dashboard:
         self.failures = 0
         self._logged_steps = 0
         self._last_epsilon_step: int | None = None
+        self._epsilon_failed = False
 
     def write_header(self, writer: SummaryWriter | None, optimizer: DPOptimizer, step: int) -> None:
         """Write the Custom Scalars layout and the DP settings text at ``step``."""
@@ -281,16 +285,34 @@ class Dashboard:
     def _write_epsilon(self, writer: SummaryWriter | None, step: int) -> None:
         if self.privacy_engine is None or writer is None or not is_rank_zero():
             return
+        if self._epsilon_failed:
+            return
         assert self.delta is not None
+        self._last_epsilon_step = step
         try:
+            check_epsilon_cost(self.privacy_engine.accountant, self.delta)
             epsilon = float(self.privacy_engine.get_epsilon(self.delta))
-            if math.isfinite(epsilon):
-                writer.add_scalar(EPSILON_TAG, epsilon, step)
-            else:
-                logger.warning("epsilon at step %d is %s, so it is not written", step, epsilon)
+        except Exception as error:  # noqa: BLE001 - the dashboard must never stop training
+            # The accountant's history only grows, so a later step would fail again, or
+            # cost more.
+            self._epsilon_failed = True
+            self.failures += 1
+            logger.warning(
+                "%s is not written from step %d on, because computing epsilon failed: "
+                "%s: %s. Training continues.",
+                EPSILON_TAG,
+                step,
+                type(error).__name__,
+                error,
+            )
+            return
+        if not math.isfinite(epsilon):
+            logger.warning("epsilon at step %d is %s, so it is not written", step, epsilon)
+            return
+        try:
+            writer.add_scalar(EPSILON_TAG, epsilon, step)
         except Exception:  # noqa: BLE001 - the dashboard must never stop training
             self._log_failure("privacy/epsilon", step)
-        self._last_epsilon_step = step
 
     def _log_failure(self, content: str, step: int) -> None:
         self.failures += 1

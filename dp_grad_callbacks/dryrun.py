@@ -23,6 +23,7 @@ from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import DEFAULT_MEDIAN_RATIO, DEFAULT_SIGMA, sample_gradient_norms
 from .dashboard import EPSILON_TAG, custom_scalar_layout, settings_markdown
+from .epsilon import AccountantError, check_epsilon_cost
 from .tensorboard import write_record
 
 AccountantName = Literal["rdp", "prv", "gdp"]
@@ -129,7 +130,25 @@ class EpsilonCalculator:
             return float(epsilon)
 
         self._opacus_accountant.history = [(self.noise_multiplier, self.sample_rate, num_steps)]
-        return float(self._opacus_accountant.get_epsilon(delta))
+        check_epsilon_cost(self._opacus_accountant, delta)
+        try:
+            return float(self._opacus_accountant.get_epsilon(delta))
+        except Exception as error:
+            # The prv and gdp accountants solve numerically, and fail for some extreme
+            # parameters with messages that name neither the parameters nor a fix.
+            raise AccountantError(
+                f"the {self.accountant} accountant failed to compute epsilon after "
+                f"{num_steps:,} step{'' if num_steps == 1 else 's'} at noise multiplier {self.noise_multiplier:g} and sample "
+                f"rate {self.sample_rate:g} ({type(error).__name__}: {error}). Use the rdp "
+                f"accountant or a larger noise multiplier"
+            ) from error
+
+    def check_cost(self, num_steps: int, delta: float) -> None:
+        """Raise :class:`EpsilonCostError` if epsilon after ``num_steps`` steps is too costly."""
+        if self._rdp_per_step is None:
+            accountant = create_accountant(self.accountant)
+            accountant.history = [(self.noise_multiplier, self.sample_rate, num_steps)]
+            check_epsilon_cost(accountant, delta)
 
 
 def default_epsilon_every(accountant: AccountantName, steps: int) -> int:
@@ -199,6 +218,8 @@ def dry_run(
 
     Raises:
         ValueError: If an argument is out of range.
+        EpsilonCostError: If the prv accountant would need too much memory for epsilon.
+        AccountantError: If the accountant fails to compute epsilon.
         OSError: If the log directory cannot be created.
     """
     for name, value in (("batch_size", batch_size), ("steps", steps), ("log_every", log_every)):
@@ -217,6 +238,8 @@ def dry_run(
             sample_rate=privacy.sample_rate,
             accountant=privacy.accountant,
         )
+        # The cost grows with the number of steps, so the last one is the costliest.
+        calculator.check_cost(steps, privacy.delta)
         every = privacy.epsilon_every or default_epsilon_every(privacy.accountant, steps)
         epsilon_at = set(epsilon_steps(steps, every))
 

@@ -42,6 +42,7 @@ from opacus.optimizers import (
 )
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 
+from .epsilon import check_epsilon_cost
 from .noisy_histogram import (
     GaussianNoise,
     SecureGaussianNoise,
@@ -212,6 +213,8 @@ def preview_epsilon(
     Raises:
         ValueError: If an argument is out of range, or ``accountant="gdp"`` with
             ``log_every > 1``.
+        EpsilonCostError: If the prv accountant would need too much memory (a
+            ``ValueError``).
 
     Example:
         >>> preview = preview_epsilon(noise_multiplier=1.0, histogram_noise=2.0,
@@ -237,6 +240,8 @@ def preview_epsilon(
     plain.history = [(float(noise_multiplier), float(sample_rate), steps)]
     private = create_accountant(mechanism=accountant)
     private.history = history
+    check_epsilon_cost(plain, delta)
+    check_epsilon_cost(private, delta)
     return EpsilonPreview(
         without_diagnostics=float(plain.get_epsilon(delta)),
         with_diagnostics=float(private.get_epsilon(delta)),

@@ -559,3 +559,43 @@ def test_summary_damaged_file_one_warning(real, logdir, tmp_path, capsys):
     assert stderr.count("\n") == 1, stderr
     assert stderr.startswith("dp-grad-callbacks: warning: run 'damaged': TensorBoard stopped")
     assert "incomplete record" in stderr
+
+
+@pytest.mark.parametrize(
+    ("accountant", "message"),
+    [("prv", "the prv accountant would compute epsilon on"),
+     ("gdp", "the gdp accountant failed to compute epsilon after 1 step")],
+)
+def test_dry_run_accountant_failure_one_line(tmp_path, capsys, accountant, message):
+    args = ["dry-run", "--logdir", tmp_path / "run", "--steps", "5", "--accountant", accountant,
+            "--noise-multiplier", "0.01", "--sample-rate", "1"]
+
+    with warnings.catch_warnings():
+        # Opacus's own warnings about GDP and overflow are not the error under test.
+        warnings.simplefilter("ignore")
+        status, stderr = run_in_process(args, capsys)
+
+    errors = [line for line in stderr.splitlines() if ": error: " in line]
+    assert status == 1
+    assert len(errors) == 1
+    assert message in errors[0]
+    assert "Traceback" not in stderr
+
+
+def test_summary_json_writes_null_for_infinity(tmp_path, capsys):
+    logdir = tmp_path / "wide"
+    # Norms this spread overflow float32, so TensorBoard stores the p90 scalar as inf.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["dry-run", "--logdir", str(logdir), "--steps", "2", "--sigma", "1e5",
+                     "--seed", "2"]) == 0
+    capsys.readouterr()
+
+    assert main(["summary", "--json", str(logdir)]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert main(["summary", str(logdir)]) == 0
+    table = capsys.readouterr().out
+
+    assert run["p90"] is None
+    assert run["max_grad_norm"] == 1.0
+    assert " inf " in table

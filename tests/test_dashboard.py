@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import re
 from pathlib import Path
 
@@ -176,10 +178,14 @@ def test_no_epsilon_without_logged_step(tmp_path: Path) -> None:
     assert EPSILON_TAG not in read_events(tmp_path).Tags()["scalars"]
 
 
-def test_epsilon_failure_keeps_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_epsilon_failure_keeps_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     private = make_private()
+    calls = []
 
     def fail(delta: float) -> float:
+        calls.append(delta)
         raise RuntimeError("accountant failed")
 
     monkeypatch.setattr(private.engine, "get_epsilon", fail)
@@ -189,7 +195,14 @@ def test_epsilon_failure_keeps_training(tmp_path: Path, monkeypatch: pytest.Monk
         callback.attach(private.optimizer)
         train(private, 3)
 
-    assert callback.dashboard.failures == 3
+    # A failed computation is not tried again: the history it failed on only grows.
+    assert calls == [DELTA]
+    assert callback.dashboard.failures == 1
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert logged == [
+        "privacy/epsilon is not written from step 0 on, because computing epsilon failed: "
+        "RuntimeError: accountant failed. Training continues."
+    ]
     assert callback.step == 3
     tags = read_events(tmp_path).Tags()["scalars"]
     assert EPSILON_TAG not in tags

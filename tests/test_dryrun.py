@@ -14,6 +14,7 @@ from dp_grad_callbacks.dryrun import (
     dry_run,
     epsilon_steps,
 )
+from dp_grad_callbacks.epsilon import AccountantError, EpsilonCostError
 
 
 def opacus_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
@@ -107,3 +108,26 @@ def test_dry_run_rejects_bad_value_before_writing(tmp_path, option, value):
         dry_run(tmp_path / "run", **arguments)
 
     assert not (tmp_path / "run").exists()
+
+
+def test_costly_prv_epsilon_rejected_before_writing(tmp_path):
+    privacy = PrivacySettings(noise_multiplier=0.01, sample_rate=1.0, accountant="prv")
+
+    with pytest.raises(EpsilonCostError, match="5 steps at noise multipliers 0.01"):
+        dry_run(tmp_path / "run", max_grad_norm=1.0, batch_size=4, steps=5, privacy=privacy)
+
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_failing_accountant_error_names_parameters():
+    calculator = EpsilonCalculator(noise_multiplier=0.01, sample_rate=1.0, accountant="gdp")
+
+    with pytest.raises(AccountantError) as caught:
+        calculator.epsilon(1, 1e-5)
+
+    assert str(caught.value).startswith(
+        "the gdp accountant failed to compute epsilon after 1 step at noise multiplier 0.01 "
+        "and sample rate 1 (ValueError: "
+    )
+    assert str(caught.value).endswith("Use the rdp accountant or a larger noise multiplier")
