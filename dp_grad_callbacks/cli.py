@@ -385,7 +385,7 @@ def _add_plot(subparsers: Any) -> None:
     parser.add_argument(
         "--step", type=_non_negative_int, action="append", dest="steps", metavar="N",
         help="logged step whose histograms to draw; repeat for several "
-        "(default: the last logged step with samples)",
+        "(default: the last logged step with a finite norm)",
     )
     _add_series_options(parser)
     parser.add_argument(
@@ -403,14 +403,16 @@ def _run_plot(args: argparse.Namespace) -> int:
         load_norm_series(args.logdir, run=args.run), run=args.run, tag_root=args.tag_root
     )
     steps = args.steps
-    if steps is None and not series.steps_with_samples:
-        raise RunReadError(f"no logged step with samples in {series.label}, so nothing to plot")
+    if steps is None and not series.steps_with_histograms:
+        raise RunReadError(
+            f"no logged step with a finite norm in {series.label}, so nothing to plot"
+        )
     try:
         plot_series(series, args.out, steps=steps, dpi=args.dpi)
     except OSError as error:
         raise OSError(f"failed to write {args.out}: {_reason(error)}") from error
 
-    drawn_steps = steps if steps is not None else series.steps_with_samples[-1:]
+    drawn_steps = steps if steps is not None else series.steps_with_histograms[-1:]
     print(f"wrote {args.out} ({series.label}, steps {describe_steps(drawn_steps)})")
     return EXIT_OK
 
@@ -435,7 +437,7 @@ def _add_export(subparsers: Any) -> None:
     parser.add_argument("logdir", type=Path, metavar="LOGDIR", help="TensorBoard log directory")
     parser.add_argument(
         "--step", type=_non_negative_int, default=None, metavar="N",
-        help="logged step to export (default: the last logged step with samples)",
+        help="logged step to export (default: the last logged step with a finite norm)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, metavar="FILE",
@@ -451,7 +453,7 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     step = args.step
     if step is None:
-        step = (series.steps_with_samples or series.logged_steps)[-1]
+        step = (series.steps_with_histograms or series.logged_steps)[-1]
     text = _json(series.gradient_info(step))
 
     if args.out is None:

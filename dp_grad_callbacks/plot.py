@@ -37,7 +37,7 @@ def plot_series(
     Args:
         series: The run and tag root to draw.
         out: Image file to write.
-        steps: Logged steps whose histograms to draw; None for the last step with samples.
+        steps: Logged steps whose histograms to draw; None for the last step with a finite norm.
         dpi: Pixels per inch of the image, which is 8 x 9 inches.
 
     Raises:
@@ -48,7 +48,7 @@ def plot_series(
     """
     figure_class = _import_figure()
     if steps is None:
-        steps = series.steps_with_samples[-1:]
+        steps = series.steps_with_histograms[-1:]
     for step in steps:
         series.check_step(step)
 

@@ -137,6 +137,14 @@ class NormSeries:
         """Logged steps with at least one sample, in ascending order."""
         return sorted(step for step, count in self.scalars("samples").items() if count > 0)
 
+    @cached_property
+    def steps_with_histograms(self) -> list[int]:
+        """Logged steps with histograms, in ascending order.
+
+        A step has histograms when at least one of its norms is finite.
+        """
+        return sorted(self.histograms(HISTOGRAM_NAMES[0]))
+
     def check_step(self, step: int) -> None:
         """Raise :class:`RunReadError` unless ``step`` is a logged step of this series."""
         if step not in set(self.logged_steps):

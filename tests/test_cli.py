@@ -23,6 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks import GradNormCallback
 from dp_grad_callbacks.cli import build_parser, main
+from dp_grad_callbacks.record import GradNormRecord
+from dp_grad_callbacks.stats import bucket_limits, clipped_norms
+from dp_grad_callbacks.tensorboard import write_record
 
 from conftest import make_private, read_events
 
@@ -599,3 +602,17 @@ def test_summary_json_writes_null_for_infinity(tmp_path, capsys):
     assert run["p90"] is None
     assert run["max_grad_norm"] == 1.0
     assert " inf " in table
+
+
+def test_export_default_skips_non_finite_step(tmp_path, capsys):
+    norms = [np.array([0.25, 4.0]), np.array([np.nan, np.inf])]
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step, before in enumerate(norms):
+            record = GradNormRecord(step, before, clipped_norms(before, 1.0), 1.0, synthetic=False)
+            write_record(writer, record, prefix="grad_norm", limits=bucket_limits(1.0))
+
+    assert main(["export", str(tmp_path)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+
+    # Step 0, whose two norms fill two buckets. Step 1 has no histogram to export.
+    assert len([point for point in exported["before_clipping"] if point["y"] > 0]) == 2

@@ -256,3 +256,13 @@ def test_intact_file_no_warning(tmp_path, caplog):
     assert tensorboard_logger.level == level
     assert not tensorboard_logger.filters
     assert [r for r in caplog.records if r.name.startswith("tensorboard")] == []
+
+
+def test_steps_with_histograms_skip_non_finite_steps(tmp_path):
+    write_run(tmp_path, [real_record(0, [0.5]), real_record(1, [np.nan, np.inf]),
+                         real_record(2, [])])
+
+    (series,) = load_norm_series(tmp_path)
+
+    assert series.steps_with_samples == [0, 1]
+    assert series.steps_with_histograms == [0]
