@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import warnings
 import weakref
@@ -71,7 +72,7 @@ def check_options(
     histogram_noise: Any = None,
 ) -> None:
     """Raise ``ValueError`` or ``TypeError`` naming the first invalid option of the callback."""
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    if not _is_integer(log_every) or log_every < 1:
         raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
     if not isinstance(tag_prefix, str) or not tag_prefix.strip("/"):
         raise ValueError(f"tag_prefix must be a non-empty string, got {tag_prefix!r}")
@@ -79,10 +80,14 @@ def check_options(
         raise ValueError(f"dry_run must be True or False, got {dry_run!r}")
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+    if seed is not None and (not _is_integer(seed) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     if not isinstance(per_layer, bool):
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
+    # The dashboard's check takes only a Python int, so a valid numpy integer is converted
+    # first. An invalid one is left as it is, so that the message shows it unchanged.
+    if _is_integer(epsilon_every) and epsilon_every >= 1:
+        epsilon_every = int(epsilon_every)
     check_privacy_options(privacy_engine, delta, epsilon_every)
     check_privacy_mode(privacy, histogram_noise)
     if per_layer and privacy == "private":
@@ -90,6 +95,11 @@ def check_options(
             "per_layer must be False with privacy='private', got True: the per-layer "
             "histograms are raw per-sample norms"
         )
+
+
+def _is_integer(value: Any) -> bool:
+    """Return whether ``value`` is an integer of any type, such as ``numpy.int64``, but no bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class GradNormCallback:
@@ -152,8 +162,8 @@ class GradNormCallback:
     Raises:
         TypeError: If ``writer`` is neither a ``SummaryWriter`` nor a path, or
             ``privacy_engine`` is not a ``PrivacyEngine``.
-        ValueError: If an option is out of range, or only one of ``privacy_engine`` and
-            ``delta`` is given.
+        ValueError: If an option is out of range, only one of ``privacy_engine`` and
+            ``delta`` is given, or ``writer`` is an empty path.
         OSError: If the log directory cannot be created.
 
     Note:
@@ -202,6 +212,10 @@ class GradNormCallback:
             privacy=privacy,
             histogram_noise=histogram_noise,
         )
+        # Python ints from here on, also when numpy integers were passed.
+        log_every = int(log_every)
+        seed = None if seed is None else int(seed)
+        epsilon_every = int(epsilon_every)
         dashboard = Dashboard(
             prefix=tag_prefix.strip("/"),
             synthetic=dry_run,
@@ -214,6 +228,12 @@ class GradNormCallback:
             raise TypeError(
                 "writer must be a torch.utils.tensorboard.SummaryWriter or a log directory "
                 f"path, got {type(writer).__name__}"
+            )
+        # SummaryWriter("") would write to its default ./runs/<date>_<host> directory.
+        if not isinstance(writer, SummaryWriter) and not os.fspath(writer):
+            raise ValueError(
+                "writer must be a SummaryWriter or a non-empty log directory path, got ''; "
+                "pass a directory such as 'runs/digits'"
             )
 
         # Only rank 0 of a process group writes, so the other ranks create no event files.
@@ -444,9 +464,9 @@ class GradNormCallback:
 
     @step.setter
     def step(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not _is_integer(value) or value < 0:
             raise ValueError(f"step must be a non-negative integer, got {value!r}")
-        self._step = value
+        self._step = int(value)
 
     # ------------------------------------------------------------------ optimizer events
 

@@ -128,8 +128,8 @@ class GradNormMonitor(Callback):
 
     Raises:
         TypeError: If ``log_dir`` is not a path or ``privacy_engine`` not a ``PrivacyEngine``.
-        ValueError: If an option is out of range, or only one of ``privacy_engine`` and
-            ``delta`` is given.
+        ValueError: If an option is out of range, only one of ``privacy_engine`` and
+            ``delta`` is given, or ``log_dir`` is an empty path.
 
     Note:
         A process that Lightning counts as a non-zero rank but that has no
@@ -164,6 +164,11 @@ class GradNormMonitor(Callback):
     ) -> None:
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        if log_dir is not None and not os.fspath(log_dir):
+            raise ValueError(
+                "log_dir must be a non-empty path or None, got ''; pass a directory such as "
+                "'runs/digits', or None to write through the trainer's TensorBoardLogger"
+            )
         self._options: dict[str, Any] = {
             "log_every": log_every,
             "tag_prefix": tag_prefix,

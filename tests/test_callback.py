@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -348,6 +349,74 @@ def test_invalid_option_raises(tmp_path, option, value):
 def test_writer_of_wrong_type_raises():
     with pytest.raises(TypeError, match="SummaryWriter"):
         GradNormCallback(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("log_every", np.int64(0)),
+        ("log_every", np.float64(2.0)),
+        ("log_every", np.bool_(True)),
+        ("seed", np.int64(-1)),
+        ("epsilon_every", np.int32(0)),
+        ("epsilon_every", np.float32(2.0)),
+    ],
+)
+def test_invalid_numpy_option_raises(tmp_path, option, value):
+    with pytest.raises(ValueError, match=f"{option} must be .*{re.escape(repr(value))}"):
+        GradNormCallback(tmp_path, **{option: value})
+
+
+def test_numpy_integer_options_log_as_ints(tmp_path):
+    private = make_private()
+    with GradNormCallback(
+        tmp_path,
+        log_every=np.int64(3),
+        seed=np.int32(7),
+        privacy_engine=private.engine,
+        delta=1e-5,
+        epsilon_every=np.uint8(1),
+    ) as callback:
+        callback.attach(private.optimizer)
+        train_epochs(private)
+
+    assert type(callback.log_every) is int
+    assert type(callback.step) is int
+    events = read_events(tmp_path)
+    # 64 samples in batches of 16 make 4 steps, of which steps 0 and 3 are logged.
+    assert [event.step for event in events.Scalars("grad_norm/samples")] == [0, 3]
+    assert [event.step for event in events.Scalars("privacy/epsilon")] == [0, 3]
+
+
+def test_numpy_seed_draws_same_norms_as_int(tmp_path):
+    records = []
+    for run, seed in enumerate([7, np.int64(7)]):
+        private = make_private()
+        with GradNormCallback(tmp_path / str(run), dry_run=True, seed=seed) as callback:
+            callback.attach(private.optimizer)
+            x, y = next(iter(private.loader))
+            train_step(private, x, y)
+        records.append(callback.last_record)
+    np.testing.assert_array_equal(records[0].before, records[1].before)
+
+
+def test_step_setter_accepts_numpy_integer(tmp_path):
+    with GradNormCallback(tmp_path) as callback:
+        callback.step = np.int64(4)
+        assert callback.step == 4
+        assert type(callback.step) is int
+        with pytest.raises(ValueError, match=r"step must be a non-negative integer, got np.int64\(-1\)"):
+            callback.step = np.int64(-1)
+
+
+def test_empty_log_directory_raises(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValueError, match=r"writer must be .*non-empty log directory.*got ''"):
+        GradNormCallback("")
+
+    # SummaryWriter("") would have created its default directory ./runs/<date>_<host>.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dry_run_never_reads_per_sample_gradients(tmp_path, monkeypatch):

@@ -208,6 +208,26 @@ def test_monitor_falls_back_to_log_dir(tmp_path: Path) -> None:
     assert [event.step for event in histograms] == [0, 2]
 
 
+def test_monitor_accepts_numpy_integers(tmp_path: Path) -> None:
+    pl = lightning.pytorch
+    classifier_class, _ = make_classes(pl)
+    module = classifier_class()
+    monitor = GradNormMonitor(
+        tmp_path / "norms",
+        log_every=np.int64(2),
+        seed=np.int64(1),
+        privacy_engine=module.privacy_engine,
+        delta=DELTA,
+        epsilon_every=np.int32(1),
+    )
+    fit(pl, module, callbacks=[monitor], logger=pl.loggers.CSVLogger(tmp_path))
+
+    events = read_events(tmp_path / "norms")
+    histograms = events.Histograms("grad_norm/before_clipping")
+    assert [event.step for event in histograms] == [0, 2]
+    assert [event.step for event in events.Scalars("privacy/epsilon")] == [0, 2, 3]
+
+
 def test_monitor_step_in_second_fit(tmp_path: Path) -> None:
     pl = lightning.pytorch
     classifier_class, digits_class = make_classes(pl)
@@ -483,6 +503,8 @@ def test_training_identical_with_monitor(tmp_path: Path) -> None:
     ("options", "error", "message"),
     [
         ({"log_dir": 3}, TypeError, r"log_dir must be a path or None, got int"),
+        ({"log_dir": ""}, ValueError, r"log_dir must be a non-empty path or None, got ''"),
+        ({"log_every": np.int64(0)}, ValueError, r"log_every must be .*np\.int64\(0\)"),
         ({"log_every": 0}, ValueError, r"log_every must be a positive integer, got 0"),
         ({"delta": 1e-5}, ValueError, r"privacy_engine and delta must be given together"),
         ({"epsilon_every": -2}, ValueError, r"epsilon_every must be a positive integer, got -2"),
