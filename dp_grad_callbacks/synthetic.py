@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -150,7 +150,7 @@ def generate_gradient_norms(
 
 def generate_clipped_gradients(
     clipping_norm: float,
-    original_gradients: Points | None = None,
+    original_gradients: Iterable[Mapping[str, float]] | None = None,
     num_points: int = 100,
     *,
     seed: Seed = None,
@@ -159,8 +159,9 @@ def generate_clipped_gradients(
 
     Args:
         clipping_norm: The clipping bound C.
-        original_gradients: Points from :func:`generate_gradient_norms`. When ``None``,
-            ``num_points`` new points are drawn first.
+        original_gradients: An iterable of ``{"x": norm, "y": density}`` points, such as
+            the list from :func:`generate_gradient_norms` or a generator, which is read
+            once. When ``None``, ``num_points`` new points are drawn first.
         num_points: Used only when ``original_gradients`` is ``None``.
         seed: Used only when ``original_gradients`` is ``None``.
 
@@ -173,12 +174,14 @@ def generate_clipped_gradients(
     try:
         # A string or a mapping can be iterated but contains no points.
         if isinstance(original_gradients, (str, bytes, Mapping)):
-            raise TypeError("expected a sequence of points")
-        x = np.array([point["x"] for point in original_gradients], dtype=np.float64)
-        y = np.array([point["y"] for point in original_gradients], dtype=np.float64)
+            raise TypeError("expected an iterable of points")
+        # A generator can be iterated only once.
+        points = list(original_gradients)
+        x = np.array([point["x"] for point in points], dtype=np.float64)
+        y = np.array([point["y"] for point in points], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(
-            "original_gradients must be a list of {'x': norm, 'y': density} points, "
+            "original_gradients must be an iterable of {'x': norm, 'y': density} points, "
             f"got {type(original_gradients).__name__}: {error}"
         ) from error
     return _points(np.minimum(x, clipping_norm), y)

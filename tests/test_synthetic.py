@@ -49,6 +49,29 @@ def test_clipping_moves_x_and_keeps_y():
     assert any(p["x"] > 1.0 for p in before)
 
 
+def test_clipping_reads_generator_of_points_once():
+    before = synthetic.generate_gradient_norms(1.0, 50, seed=3)
+    from_list = synthetic.generate_clipped_gradients(1.0, before)
+
+    assert synthetic.generate_clipped_gradients(1.0, (point for point in before)) == from_list
+    assert synthetic.generate_clipped_gradients(1.0, tuple(before)) == from_list
+    assert len(from_list) == 50
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        ({"x": 1.0} for _ in range(3)),
+        iter([{"x": 1.0, "y": 0.5}, 7]),
+        ({"x": "far", "y": 0.5} for _ in range(2)),
+    ],
+    ids=["missing y", "not a point", "not a number"],
+)
+def test_clipping_rejects_malformed_generator(points):
+    with pytest.raises(ValueError, match="original_gradients must be an iterable of"):
+        synthetic.generate_clipped_gradients(1.0, points)
+
+
 def test_gradient_info_shape():
     info = synthetic.generate_gradient_info(1.0, 30, seed=4)
     assert set(info) == {"before_clipping", "after_clipping"}

@@ -158,7 +158,7 @@ def test_gradient_info_points_valid(clipping_norm, num_points, seed):
 
 @given(points=st.one_of(st.integers(), st.text(), st.lists(st.integers(), min_size=1)))
 def test_malformed_points_raise(points):
-    with pytest.raises(ValueError, match="original_gradients must be a list"):
+    with pytest.raises(ValueError, match="original_gradients must be an iterable"):
         generate_clipped_gradients(1.0, points)
 
 
