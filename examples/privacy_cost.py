@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from arguments import ArgumentParser, parse_positive_float, parse_positive_int
 from torch.utils.data import DataLoader
 from train_digits import load_data
 from train_digits import parse_args as parse_training_args
@@ -20,7 +21,7 @@ from dp_grad_callbacks import preview_epsilon
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """Parse this script's options, and pass the others on to train_digits.py's parser."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Other options (--epochs, --batch-size, --noise-multiplier, --delta, --seed) "
         "are those of train_digits.py.",
@@ -28,13 +29,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     )
     parser.add_argument(
         "--histogram-noise",
-        type=float,
+        type=parse_positive_float,
         nargs="+",
         default=[2.0, 5.0],
         help="standard deviations of the noise on each bucket count",
     )
     parser.add_argument(
-        "--log-every", type=int, nargs="+", default=[1, 10], help="logical steps between logs"
+        "--log-every",
+        type=parse_positive_int,
+        nargs="+",
+        default=[1, 10],
+        help="logical steps between logs",
     )
     parser.add_argument(
         "--accountant",

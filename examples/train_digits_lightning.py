@@ -22,6 +22,17 @@ import warnings
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from arguments import (
+    MAX_SEED,
+    ArgumentParser,
+    parse_clipping_bound,
+    parse_delta,
+    parse_directory,
+    parse_learning_rate,
+    parse_positive_float,
+    parse_positive_int,
+    parse_seed,
+)
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.lightning import DPLightningDataModule
@@ -95,27 +106,33 @@ class DigitsClassifier(pl.LightningModule):
         self.log("test/accuracy", accuracy)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="number of training epochs")
-    parser.add_argument("--batch-size", type=int, default=64, help="expected batch size")
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, exiting with status 2 and one line on stderr for a bad flag."""
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=parse_positive_int, default=5,
+                        help="number of training epochs")
+    parser.add_argument("--batch-size", type=parse_positive_int, default=64,
+                        help="expected batch size")
+    parser.add_argument("--lr", type=parse_learning_rate, default=0.1, help="SGD learning rate")
+    parser.add_argument("--noise-multiplier", type=parse_positive_float, default=1.0,
                         help="noise standard deviation as a multiple of C")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+    parser.add_argument("--max-grad-norm", type=parse_clipping_bound, default=1.0,
                         help="per-sample clipping bound C")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of the logged epsilon")
-    parser.add_argument("--log-every", type=int, default=1,
+    parser.add_argument("--delta", type=parse_delta, default=1e-5,
+                        help="delta of the logged epsilon, in (0, 1)")
+    parser.add_argument("--log-every", type=parse_positive_int, default=1,
                         help="optimizer steps between logged steps")
-    parser.add_argument("--epsilon-every", type=int, default=10,
+    parser.add_argument("--epsilon-every", type=parse_positive_int, default=10,
                         help="logged steps between privacy/epsilon scalars")
-    parser.add_argument("--logdir", default="runs/lightning", help="TensorBoard log directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed of torch and Lightning")
-    return parser.parse_args()
+    parser.add_argument("--logdir", type=parse_directory, default="runs/lightning",
+                        help="TensorBoard log directory")
+    parser.add_argument("--seed", type=parse_seed, default=0,
+                        help=f"seed of torch and Lightning, from 0 to {MAX_SEED}")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
     # Opacus warns about its non-secure generator and Lightning about loader workers.
     warnings.filterwarnings("ignore", category=UserWarning)
