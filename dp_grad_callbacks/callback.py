@@ -98,7 +98,7 @@ def check_options(
 
 
 def _is_integer(value: Any) -> bool:
-    """Return whether ``value`` is an integer of any type, such as ``numpy.int64``, but no bool."""
+    """Return whether ``value`` is an integer, such as ``numpy.int64``, and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -212,7 +212,7 @@ class GradNormCallback:
             privacy=privacy,
             histogram_noise=histogram_noise,
         )
-        # Python ints from here on, also when numpy integers were passed.
+        # Convert numpy integers, so that the step arithmetic and the records use Python ints.
         log_every = int(log_every)
         seed = None if seed is None else int(seed)
         epsilon_every = int(epsilon_every)

@@ -3,8 +3,8 @@
 Each ``parse_*`` function is an argparse ``type=``: it converts one flag's text or raises
 ``argparse.ArgumentTypeError`` with what was expected and the text that came. argparse
 adds the flag's name, so a bad value ends the script with one line such as
-``train_digits.py: error: argument --epochs: expected a positive integer, got '0'``
-before any training starts.
+``train_digits.py: error: argument --epochs: expected a positive integer, got '0' (see
+--help)`` before any training starts.
 """
 
 from __future__ import annotations

@@ -405,7 +405,8 @@ def test_step_setter_accepts_numpy_integer(tmp_path):
         callback.step = np.int64(4)
         assert callback.step == 4
         assert type(callback.step) is int
-        with pytest.raises(ValueError, match=r"step must be a non-negative integer, got np.int64\(-1\)"):
+        message = r"step must be a non-negative integer, got np.int64\(-1\)"
+        with pytest.raises(ValueError, match=message):
             callback.step = np.int64(-1)
 
 

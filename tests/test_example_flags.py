@@ -13,8 +13,7 @@ from conftest import REPO_ROOT, checkout_env
 
 EXAMPLES = REPO_ROOT / "examples"
 
-# (flags, the message after "error: ") for train_digits.py, whose parser privacy_cost.py
-# also uses for these flags.
+# Invalid train_digits.py arguments, each with the message that follows "error: ".
 TRAINING_ERRORS = [
     (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
     (["--epochs", "1.5"], "argument --epochs: expected a positive integer, got '1.5'"),
@@ -102,7 +101,7 @@ PRIVACY_COST_ERRORS = [
     (["--log-every", "1", "0"], "argument --log-every: expected a positive integer, got '0'"),
     (
         ["--accountant", "moments"],
-        # Python 3.12 changed how argparse quotes the choices that follow.
+        # Only the start: argparse formats the list of choices that follows.
         "argument --accountant: invalid choice: 'moments'",
     ),
     (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
