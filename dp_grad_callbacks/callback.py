@@ -84,10 +84,6 @@ def check_options(
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     if not isinstance(per_layer, bool):
         raise ValueError(f"per_layer must be True or False, got {per_layer!r}")
-    # The dashboard's check takes only a Python int, so a valid numpy integer is converted
-    # first. An invalid one is left as it is, so that the message shows it unchanged.
-    if _is_integer(epsilon_every) and epsilon_every >= 1:
-        epsilon_every = int(epsilon_every)
     check_privacy_options(privacy_engine, delta, epsilon_every)
     check_privacy_mode(privacy, histogram_noise)
     if per_layer and privacy == "private":

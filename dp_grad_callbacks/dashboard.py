@@ -64,7 +64,11 @@ def check_privacy_options(privacy_engine: Any, delta: Any, epsilon_every: Any) -
             "privacy_engine and delta must be given together to log privacy/epsilon, got "
             f"privacy_engine={privacy_engine!r} and delta={delta!r}"
         )
-    if isinstance(epsilon_every, bool) or not isinstance(epsilon_every, int) or epsilon_every < 1:
+    if (
+        isinstance(epsilon_every, bool)
+        or not isinstance(epsilon_every, numbers.Integral)
+        or epsilon_every < 1
+    ):
         raise ValueError(f"epsilon_every must be a positive integer, got {epsilon_every!r}")
 
 

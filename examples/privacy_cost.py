@@ -10,6 +10,8 @@ and log_every, from dp_grad_callbacks.preview_epsilon. Nothing is trained.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from arguments import ArgumentParser, parse_positive_float, parse_positive_int
 from torch.utils.data import DataLoader
@@ -17,6 +19,7 @@ from train_digits import load_data
 from train_digits import parse_args as parse_training_args
 
 from dp_grad_callbacks import preview_epsilon
+from dp_grad_callbacks.epsilon import EpsilonCostError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -77,15 +80,18 @@ def main(argv: list[str] | None = None) -> None:
                 # The gdp accountant cannot mix noise multipliers, so the callback rejects it.
                 print(f"| {histogram_noise:g} | {log_every} | | rejected: gdp needs log_every 1 |")
                 continue
-            preview = preview_epsilon(
-                noise_multiplier=training.noise_multiplier,
-                histogram_noise=histogram_noise,
-                sample_rate=sample_rate,
-                steps=steps,
-                delta=training.delta,
-                log_every=log_every,
-                accountant=args.accountant,
-            )
+            try:
+                preview = preview_epsilon(
+                    noise_multiplier=training.noise_multiplier,
+                    histogram_noise=histogram_noise,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    delta=training.delta,
+                    log_every=log_every,
+                    accountant=args.accountant,
+                )
+            except EpsilonCostError as error:
+                sys.exit(f"{Path(__file__).name}: error: {error}")
             print(
                 f"| {histogram_noise:g} | {log_every} | {preview.without_diagnostics:.2f} "
                 f"| {preview.with_diagnostics:.2f} |"

@@ -28,6 +28,7 @@ from arguments import (
     parse_seed,
 )
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -35,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dp_grad_callbacks import GradNormCallback
+from dp_grad_callbacks.epsilon import EpsilonCostError, check_epsilon_cost
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,9 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-grad-norm", type=parse_clipping_bound, default=1.0, help="clipping bound C"
     )
-    # NOTE: Opacus 1.6's default PRV accountant needs far more memory for small noise
-    # multipliers. With the other defaults, privacy_cost.py took 1 GB for 0.2 (epsilon
-    # about 350) and more than 4 GB for 0.1 on a 2-core VM.
     parser.add_argument(
         "--noise-multiplier",
         type=parse_positive_float,
@@ -133,6 +132,14 @@ def main(argv: list[str] | None = None) -> None:
             noise_generator=torch.Generator().manual_seed(args.seed),
         )
     criterion = nn.CrossEntropyLoss()
+    # Opacus's default prv accountant needs memory that grows with the run and with the
+    # privacy loss per step, and the epsilon after the last step is the costliest.
+    final = create_accountant(privacy_engine.accountant.mechanism())
+    final.history = [(args.noise_multiplier, loader.sample_rate, args.epochs * len(loader))]
+    try:
+        check_epsilon_cost(final, args.delta)
+    except EpsilonCostError as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")
 
     with GradNormCallback(logdir, log_every=args.log_every, seed=args.seed) as callback:
         callback.attach(optimizer)

@@ -242,3 +242,20 @@ def test_digits_script_exits_2_with_one_line():
         "train_digits.py: error: argument --physical-batch-size: expected a positive "
         "integer, got '0' (see --help)\n"
     )
+
+
+def test_costly_epsilon_stops_before_training(tmp_path, monkeypatch):
+    train_digits = load_example("train_digits", monkeypatch)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("training started although epsilon could not be computed")
+
+    monkeypatch.setattr(train_digits, "GradNormCallback", fail)
+
+    with pytest.raises(SystemExit) as raised:
+        train_digits.main(["--noise-multiplier", "0.05", "--logdir", str(tmp_path / "run")])
+
+    assert str(raised.value.code).startswith(
+        "train_digits.py: error: the prv accountant would compute epsilon on"
+    )
+    assert "180 steps at noise multipliers 0.05" in str(raised.value.code)
