@@ -34,7 +34,7 @@ from .ratelimit import RateLimiter
 from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import sample_gradient_norms
-from .tensorboard import StepSummary, tag_root, write_record
+from .tensorboard import StepSummary, tag_root, write_logged_step
 
 logger = logging.getLogger(__name__)
 
@@ -637,17 +637,14 @@ class GradNormCallback:
                 # are laid around that bound, once for the run.
                 if name not in self._layer_limits:
                     self._layer_limits[name] = bucket_limits(bound)
-            # One event per logged step costs the writer far less than one per value.
-            sink = StepSummary(self._writer) if self._one_event_per_step else self._writer
-            write_record(
-                sink,
+            write_logged_step(
+                self._writer,
                 record,
                 prefix=self.tag_prefix,
                 limits=self._limits,
                 layer_limits=self._layer_limits,
+                one_event=self._one_event_per_step,
             )
-            if isinstance(sink, StepSummary):
-                sink.write()
             # Flushing every logged step bounds what a kill can lose to the step in
             # progress. Otherwise events wait in the writer's queue for its background
             # thread, which flushes the file only every flush_secs (120 s by default).

@@ -115,6 +115,30 @@ def write_record(
         )
 
 
+def write_logged_step(
+    writer: SummaryWriter,
+    record: GradNormRecord,
+    *,
+    prefix: str,
+    limits: np.ndarray,
+    layer_limits: Mapping[str, np.ndarray] | None = None,
+    one_event: bool,
+) -> None:
+    """Write one logged step's record as ``GradNormCallback`` does, without flushing.
+
+    With ``one_event=True`` all values of the step go to the event file as one event,
+    which costs the writer far less than one event per value (see :class:`StepSummary`).
+    Pass ``StepSummary.supports(writer)``, because a writer that overrides its ``add_*``
+    methods must receive every value through them.
+    """
+    if not one_event:
+        write_record(writer, record, prefix=prefix, limits=limits, layer_limits=layer_limits)
+        return
+    summary = StepSummary(writer)
+    write_record(summary, record, prefix=prefix, limits=limits, layer_limits=layer_limits)
+    summary.write()
+
+
 def write_noisy_record(
     writer: SummaryWriter | StepSummary, record: GradNormRecord, *, prefix: str
 ) -> None:

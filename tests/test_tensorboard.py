@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dp_grad_callbacks import GradNormCallback, GradNormRecord
 from dp_grad_callbacks.stats import bucket_limits, clipped_norms
-from dp_grad_callbacks.tensorboard import StepSummary, write_record
+from dp_grad_callbacks.tensorboard import StepSummary, write_logged_step, write_record
 
 TAGS = {
     "grad_norm/samples",
@@ -84,6 +84,23 @@ def test_step_summary_reads_back_like_writer(tmp_path):
         assert [(h.step, h.histogram_value) for h in batched.Histograms(tag)] == expected
     assert len(summary_events(tmp_path / "batched")) == 3
     assert len(summary_events(tmp_path / "direct")) == 3 * len(TAGS)
+
+
+@pytest.mark.parametrize(("one_event", "values_per_event"), [(True, len(TAGS)), (False, 1)])
+def test_write_logged_step_events(tmp_path, one_event, values_per_event):
+    limits = bucket_limits(1.0)
+    with SummaryWriter(tmp_path) as writer:
+        for step in range(3):
+            write_logged_step(
+                writer, make_record(step, seed=step), prefix="grad_norm", limits=limits,
+                one_event=one_event,
+            )
+
+    events = record_events(tmp_path)
+    assert len(events) == 3 * len(TAGS) // values_per_event
+    assert all(len(event.summary.value) == values_per_event for event in events)
+    scalars = read_events(tmp_path).Scalars("grad_norm/samples")
+    assert [(s.step, s.value) for s in scalars] == [(0, 32.0), (1, 32.0), (2, 32.0)]
 
 
 def test_step_summary_splits_events_by_step(tmp_path):
