@@ -1,112 +1,129 @@
-"""Measure what ``PrivacyEngine.get_epsilon`` costs against one DP-SGD training step.
+"""Time ``get_epsilon`` of each Opacus accountant against one DP-SGD training step.
 
-The callback computes epsilon every ``epsilon_every`` logged steps, and this script sizes
-that default. It times, in one process:
+The callback computes epsilon at every ``epsilon_every``-th logged step, and these numbers
+size that default. One process times, in turn, one training step of the wide MLP
+(64 -> 512 x3 -> 10) at batch 256 under Opacus (hooks mode, flat clipping, Gaussian inputs)
+and ``get_epsilon(delta)`` of the ``rdp``, ``gdp`` and ``prv`` accountants after 100, 1,000
+and 10,000 steps at the sample rate of batch 256 out of 60,000 examples.
 
-* one step of the 64 -> 512 x3 -> 10 MLP at batch 256 under Opacus (hooks mode, flat
-  clipping, random data), and
-* ``get_epsilon(delta)`` of each accountant after 100, 1,000 and 10,000 steps at the sample
-  rate of batch 256 out of 60,000 examples,
-
-in turn, and prints the medians as a Markdown table. Run, with a retaining allocator so that
-freed per-sample gradients do not turn into page faults in the next step::
-
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \\
-    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true \\
-    python benchmarks/accountant_cost.py
+Run ``python benchmarks/accountant_cost.py --help`` for the options.
 """
 
 from __future__ import annotations
 
-import platform
+import argparse
 import statistics
+import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
-import opacus
-import torch
-from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-BATCH_SIZE = 256
+import common
+from dp_grad_callbacks.dashboard import DEFAULT_EPSILON_EVERY
+
+MODEL = "wide-mlp"
+SMOKE_MODEL = "tiny-mlp"
 DATASET_SIZE = 60_000
-NOISE_MULTIPLIER = 1.0
 DELTA = 1e-5
-REPEATS = 7
+ACCOUNTANTS = ("rdp", "gdp", "prv")
+STEP_COUNTS = (100, 1_000, 10_000)
+SMOKE_STEP_COUNTS = (10, 100)
+REPEATS = 15
+SMOKE_REPEATS = 2
 WARMUP_STEPS = 5
+SMOKE_WARMUP_STEPS = 1
 
 
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
-        nn.Linear(512, 10),
-    )
-
-
-def make_private_step() -> Callable[[], None]:
-    """Return a function that runs one optimizer step of the MLP under Opacus."""
-    torch.manual_seed(0)
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(BATCH_SIZE, 64)
-    y = torch.randint(0, 10, (BATCH_SIZE,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE)
+def make_epsilon(mechanism: str, *, steps: int, sample_rate: float) -> Callable[[], float]:
+    """Return a call of ``get_epsilon(DELTA)`` on an accountant that has seen ``steps`` steps."""
     with warnings.catch_warnings():
+        # Opacus 1.6 warns at every GDP accountant's creation that it is experimental.
         warnings.simplefilter("ignore")
-        model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=1.0, poisson_sampling=False,
-        )
-    criterion = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
-def make_epsilon(mechanism: str, steps: int) -> Callable[[], None]:
-    """Return a function that computes epsilon of an accountant after ``steps`` equal steps."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the GDP accountant warns that it is experimental
         accountant = create_accountant(mechanism)
-    accountant.history = [(NOISE_MULTIPLIER, BATCH_SIZE / DATASET_SIZE, steps)]
+    for _ in range(steps):
+        accountant.step(noise_multiplier=common.NOISE_MULTIPLIER, sample_rate=sample_rate)
     return lambda: accountant.get_epsilon(delta=DELTA)
 
 
-def seconds(function: Callable[[], None]) -> float:
+def seconds(function: Callable[[], object]) -> float:
+    """Return the wall time of one call of ``function``, in seconds."""
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
 
 
 def main() -> None:
-    step = make_private_step()
-    for _ in range(WARMUP_STEPS):
-        step()
-    print(f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, opacus {opacus.__version__}\n")
-    print("| accountant | steps | get_epsilon (ms) | step (ms) | get_epsilon / step |")
-    print("|---|---|---|---|---|")
-    for mechanism in ("rdp", "gdp", "prv"):
-        for steps in (100, 1_000, 10_000):
-            epsilon = make_epsilon(mechanism, steps)
-            # One step, then one epsilon, in turn, so that load from other processes
-            # slows both alike and the ratio stays comparable.
-            pairs = [(seconds(step), seconds(epsilon)) for _ in range(REPEATS)]
-            step_time = statistics.median(p[0] for p in pairs)
-            epsilon_time = statistics.median(p[1] for p in pairs)
-            ratio = statistics.median(p[1] / p[0] for p in pairs)
-            print(f"| {mechanism} | {steps} | {epsilon_time * 1e3:.1f} | "
-                  f"{step_time * 1e3:.1f} | {ratio:.2f} |")
+    """Time every accountant against the training step and write the accountant_cost section."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_arguments(parser)
+    common.add_allocator_argument(parser)
+    args = parser.parse_args()
+    load_at_start = common.load_average()
+    allocator = common.use_allocator(args.allocator)
+    common.quiet_warnings()
+
+    spec = common.MODELS[SMOKE_MODEL if args.smoke else MODEL]
+    batch_size = spec.batch_size
+    sample_rate = batch_size / DATASET_SIZE
+    step_counts = SMOKE_STEP_COUNTS if args.smoke else STEP_COUNTS
+    repeats = SMOKE_REPEATS if args.smoke else REPEATS
+    training = common.make_training(spec, batch_size=batch_size)
+    batch = common.make_batches(spec, count=1, batch_size=batch_size)[0]
+    for _ in range(SMOKE_WARMUP_STEPS if args.smoke else WARMUP_STEPS):
+        training.step(batch)
+
+    rows = []
+    ratios = {}
+    for mechanism in ACCOUNTANTS:
+        for steps in step_counts:
+            epsilon = make_epsilon(mechanism, steps=steps, sample_rate=sample_rate)
+            # One training step, then one get_epsilon, in turn, so that load from other
+            # processes slows both alike and their ratio stays comparable.
+            pairs = [(seconds(lambda: training.step(batch)), seconds(epsilon)) for _ in range(repeats)]
+            step_seconds = statistics.median(pair[0] for pair in pairs)
+            epsilon_seconds = statistics.median(pair[1] for pair in pairs)
+            ratios[mechanism, steps] = statistics.median(pair[1] / pair[0] for pair in pairs)
+            rows.append(
+                [
+                    mechanism,
+                    f"{steps:,}",
+                    f"{epsilon_seconds * 1e3:.2f}",
+                    f"{step_seconds * 1e3:.1f}",
+                    f"{ratios[mechanism, steps]:.3f}",
+                ]
+            )
+            print(f"{mechanism} after {steps} steps: {ratios[mechanism, steps]:.3f} steps", flush=True)
+
+    (slowest, slowest_steps), largest = max(ratios.items(), key=lambda item: item[1])
+    lines = [*common.environment_lines(load_at_start), f"- Allocator: {allocator}", ""]
+    if args.smoke:
+        lines += ["Smoke run: the tiny MLP, few accountant steps and two repeats; the times mean nothing.", ""]
+    lines += common.markdown_table(
+        [
+            "accountant", "steps accounted", "get_epsilon (ms)", "training step (ms)",
+            "get_epsilon / step",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        f"Estimated cost at the defaults `log_every=1` and `epsilon_every={DEFAULT_EPSILON_EVERY}`: "
+        f"one `get_epsilon` every {DEFAULT_EPSILON_EVERY} training steps takes at most "
+        f"{largest / DEFAULT_EPSILON_EVERY:.2%} of training time, for {slowest} after "
+        f"{slowest_steps:,} steps. A larger `log_every` divides this further.",
+        "",
+        f"The training step is one forward, backward, `optimizer.step()` and `zero_grad()` of "
+        f"the {spec.name} at batch {batch_size} under Opacus, in hooks mode with flat clipping "
+        f"and noise multiplier {common.NOISE_MULTIPLIER}. Each accountant has recorded the "
+        f"given number of steps at sample rate {batch_size} / {DATASET_SIZE:,} = "
+        f"{sample_rate:.5f} and computes epsilon for delta = {DELTA:g}. Times are medians of "
+        f"{repeats} pairs of one training step and one `get_epsilon`, and the ratio is the "
+        "median over the pairs of `get_epsilon` time over step time.",
+    ]
+    common.write_section(args.results, "accountant_cost", "Accountant cost", lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

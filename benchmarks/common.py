@@ -35,7 +35,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCHMARKS_DIR / "RESULTS.md"
 
 # Order of the sections in RESULTS.md, whichever script writes first.
-SECTIONS = ("overhead", "memory", "events", "generator")
+SECTIONS = ("overhead", "memory", "events", "generator", "accountant_cost", "flush_cost")
 
 Allocator = Literal["auto", "jemalloc", "system"]
 
@@ -67,10 +67,49 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--results",
-        type=Path,
+        type=results_path,
         default=RESULTS_PATH,
         help="Markdown file whose section for this benchmark is replaced (default: %(default)s)",
     )
+
+
+def results_path(text: str) -> Path:
+    """Convert ``--results`` to a path, rejecting one that cannot be written as a file.
+
+    Checked when the command line is parsed, so that a bad path fails before a benchmark
+    runs for minutes and not when its results are written.
+
+    Raises:
+        argparse.ArgumentTypeError: If the path is a directory, or its parent directory
+            does not exist.
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a Markdown file, got the directory {text!r}. "
+            f"Name a file in it, such as {str(path / RESULTS_PATH.name)!r}"
+        )
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a file in an existing directory, got {text!r}, but the directory "
+            f"{str(path.parent)!r} does not exist. Create it first"
+        )
+    return path
+
+
+def positive_int(text: str) -> int:
+    """Convert an option's value to an integer of at least 1, for ``type=`` in argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: If the value is not an integer or is below 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_allocator_argument(parser: argparse.ArgumentParser) -> None:

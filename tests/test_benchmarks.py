@@ -5,6 +5,7 @@ These tests check no timing or size threshold: the numbers of a smoke run mean n
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import subprocess
@@ -35,12 +36,24 @@ SCRIPTS = {
     "memory": ("memory", ["RSS after warm-up (MB)", "RSS at end (MB)", "growth (MB)"]),
     "events": ("events", ["bytes per logged step", "largest histogram bytes"]),
     "generator": ("generator", ["vectorised (ms)", "Python loop (ms)", "speed-up"]),
+    "accountant_cost": (
+        "accountant_cost",
+        ["get_epsilon (ms)", "training step (ms)", "get_epsilon / step"],
+    ),
+    "flush_cost": (
+        "flush_cost",
+        ["wall time per logged step (us)", "CPU time per logged step (us)"],
+    ),
 }
 
 
 def run_script(name: str, results: Path) -> subprocess.CompletedProcess[str]:
+    return run_benchmark(name, "--smoke", "--results", str(results))
+
+
+def run_benchmark(name: str, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--results", str(results)],
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -129,3 +142,90 @@ def test_write_section_replaces_in_place(tmp_path: Path) -> None:
     assert "first" not in text
     assert text.index("<!-- begin overhead -->") < text.index("<!-- begin generator -->")
     assert "A note by hand." in text
+
+
+def test_every_script_listed() -> None:
+    scripts = {path.stem for path in (ROOT / "benchmarks").glob("*.py")} - {"common", "run"}
+
+    assert set(common.SECTIONS) == scripts
+    assert set(SCRIPTS) == scripts
+
+
+def test_accountant_smoke_covers_accountants(smoke_section) -> None:
+    _, rows = parse_table(smoke_section("accountant_cost"))
+
+    assert {row["accountant"] for row in rows} == {"rdp", "gdp", "prv"}
+    assert len(rows) == 3 * 2
+    assert "- Allocator: " in smoke_section("accountant_cost")
+
+
+def test_flush_smoke_covers_variants(smoke_section) -> None:
+    _, rows = parse_table(smoke_section("flush_cost"))
+
+    cells = {(row["events"], row["flush after each step"]) for row in rows}
+    assert cells == {
+        ("one per step", "yes"),
+        ("one per step", "no"),
+        ("one per value", "yes"),
+        ("one per value", "no"),
+    }
+
+
+def test_accountant_help_runs_nothing() -> None:
+    completed = run_benchmark("accountant_cost", "--help")
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("usage: accountant_cost.py")
+    assert "--results" in completed.stdout
+    assert "wrote" not in completed.stdout
+
+
+def test_directory_results_rejected_before_run(tmp_path: Path) -> None:
+    completed = run_benchmark("generator", "--smoke", "--results", str(tmp_path))
+
+    assert completed.returncode == 2
+    assert completed.stdout == ""
+    assert "Traceback" not in completed.stderr
+    error = completed.stderr.splitlines()[-1]
+    assert error.startswith("generator.py: error: argument --results: ")
+    assert f"directory {str(tmp_path)!r}" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--blocks", "--steps"])
+def test_flush_rejects_zero_count(option: str, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+
+    completed = run_benchmark("flush_cost", "--smoke", option, "0", "--results", str(results))
+
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    error = completed.stderr.splitlines()[-1]
+    assert error == f"flush_cost.py: error: argument {option}: expected a positive integer, got 0"
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    ("relative", "message"),
+    [
+        (".", "expected a Markdown file, got the directory"),
+        ("missing/RESULTS.md", "does not exist. Create it first"),
+    ],
+)
+def test_results_path_rejects_unwritable(relative: str, message: str, tmp_path: Path) -> None:
+    text = str(tmp_path / relative)
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)) as raised:
+        common.results_path(text)
+
+    assert repr(text) in str(raised.value)
+
+
+def test_results_path_accepts_new_file(tmp_path: Path) -> None:
+    assert common.results_path(str(tmp_path / "RESULTS.md")) == tmp_path / "RESULTS.md"
+
+
+@pytest.mark.parametrize(("text", "shown"), [("0", "0"), ("-3", "-3"), ("two", "'two'")])
+def test_positive_int_rejects_value(text: str, shown: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=f"expected a positive integer, got {shown}$"):
+        common.positive_int(text)
