@@ -99,7 +99,11 @@ def main() -> None:
     (slowest, slowest_steps), largest = max(ratios.items(), key=lambda item: item[1])
     lines = [*common.environment_lines(load_at_start), f"- Allocator: {allocator}", ""]
     if args.smoke:
-        lines += ["Smoke run: the tiny MLP, few accountant steps and two repeats; the times mean nothing.", ""]
+        lines += [
+            f"Smoke run: the tiny MLP, few accountant steps and {repeats} repeats; the times "
+            "mean nothing.",
+            "",
+        ]
     lines += common.markdown_table(
         [
             "accountant", "steps accounted", "get_epsilon (ms)", "training step (ms)",
