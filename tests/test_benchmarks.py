@@ -38,7 +38,7 @@ SCRIPTS = {
     "generator": ("generator", ["vectorised (ms)", "Python loop (ms)", "speed-up"]),
     "accountant_cost": (
         "accountant_cost",
-        ["get_epsilon (ms)", "training step (ms)", "get_epsilon / step"],
+        ["epsilon (ms)", "training step (ms)", "epsilon / step"],
     ),
     "flush_cost": (
         "flush_cost",
