@@ -92,20 +92,24 @@ def main() -> None:
             # One training step, then one epsilon, in turn, so that both see the same
             # quiet moments. The best times are compared because load from other processes
             # slows torch's two threads far more than the single-threaded accountant.
-            pairs = [(seconds(lambda: training.step(batch)), seconds(compute_epsilon)) for _ in range(repeats)]
+            pairs = [
+                (seconds(lambda: training.step(batch)), seconds(compute_epsilon))
+                for _ in range(repeats)
+            ]
             step_seconds = min(pair[0] for pair in pairs)
             epsilon_seconds = min(pair[1] for pair in pairs)
-            ratios[mechanism, steps] = epsilon_seconds / step_seconds
+            ratio = epsilon_seconds / step_seconds
+            ratios[mechanism, steps] = ratio
             rows.append(
                 [
                     mechanism,
                     f"{steps:,}",
                     f"{epsilon_seconds * 1e3:.2f}",
                     f"{step_seconds * 1e3:.1f}",
-                    f"{ratios[mechanism, steps]:.3f}",
+                    f"{ratio:.3f}",
                 ]
             )
-            print(f"{mechanism} after {steps} steps: {ratios[mechanism, steps]:.3f} steps", flush=True)
+            print(f"{mechanism} after {steps} steps: {ratio:.3f} steps", flush=True)
 
     (slowest, slowest_steps), largest = max(ratios.items(), key=lambda item: item[1])
     lines = [*common.environment_lines(load_at_start), f"- Allocator: {allocator}", ""]
@@ -124,8 +128,8 @@ def main() -> None:
     )
     lines += [
         "",
-        f"Estimated cost at the defaults `log_every=1` and `epsilon_every={DEFAULT_EPSILON_EVERY}`: "
-        f"one epsilon every {DEFAULT_EPSILON_EVERY} training steps takes at most "
+        "Estimated cost at the defaults `log_every=1` and "
+        f"`epsilon_every={DEFAULT_EPSILON_EVERY}`: one epsilon every {DEFAULT_EPSILON_EVERY} training steps takes at most "
         f"{largest / DEFAULT_EPSILON_EVERY:.2%} of training time, for {slowest} after "
         f"{slowest_steps:,} steps. A larger `log_every` divides this further.",
         "",

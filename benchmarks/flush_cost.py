@@ -49,7 +49,9 @@ class Variant:
 
 
 VARIANTS = tuple(
-    Variant(one_event=one_event, flush=flush) for one_event in (True, False) for flush in (True, False)
+    Variant(one_event=one_event, flush=flush)
+    for one_event in (True, False)
+    for flush in (True, False)
 )
 
 
@@ -142,7 +144,8 @@ def main() -> None:
                 f"{low:.0f} - {high:.0f}",
             ]
         )
-        print(f"{variant.events}, flush {variant.flush}: {medians[variant][1]:.0f} us CPU per step", flush=True)
+        cpu_median = medians[variant][1]
+        print(f"{variant.events}, flush {variant.flush}: {cpu_median:.0f} us CPU", flush=True)
 
     callback_wall, callback_cpu = medians[Variant(one_event=True, flush=True)]
     unflushed_wall, unflushed_cpu = medians[Variant(one_event=True, flush=False)]

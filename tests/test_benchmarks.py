@@ -227,5 +227,6 @@ def test_results_path_accepts_new_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "shown"), [("0", "0"), ("-3", "-3"), ("two", "'two'")])
 def test_positive_int_rejects_value(text: str, shown: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match=f"expected a positive integer, got {shown}$"):
+    expected = f"expected a positive integer, got {shown}$"
+    with pytest.raises(argparse.ArgumentTypeError, match=expected):
         common.positive_int(text)
