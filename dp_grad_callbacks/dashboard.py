@@ -39,11 +39,12 @@ EPSILON_TAG = "privacy/epsilon"
 # run, so a second callback on the same writer writes the union of both.
 _LAYOUTS: weakref.WeakKeyDictionary[SummaryWriter, dict] = weakref.WeakKeyDictionary()
 
-# get_epsilon cost, measured with benchmarks/accountant_cost.py on a 2-core Intel Xeon VM
-# (torch 2.13.0, opacus 1.6.0) against one step of the 64 -> 512 x3 -> 10 MLP at batch 256:
-# rdp 0.05 steps, gdp 0.01, prv 0.18 steps after 100 steps, 0.25 after 1,000 and 0.76 after
-# 10,000. At every 100th logged step, prv costs an estimated 0.8% of training time or less
-# in runs of up to 10,000 steps.
+# Cost of epsilon (check_epsilon_cost and get_epsilon), measured with
+# benchmarks/accountant_cost.py on a 2-core Intel Xeon VM (torch 2.13.0, opacus 1.6.0)
+# against one step of the 64 -> 512 x3 -> 10 MLP at batch 256: rdp 0.05 steps, gdp 0.01,
+# prv 0.28 steps after 100 steps, 0.33 after 1,000 and 0.85 after 10,000. At every 100th
+# logged step, prv costs an estimated 0.85% of training time or less in runs of up to
+# 10,000 steps.
 DEFAULT_EPSILON_EVERY = 100
 
 
