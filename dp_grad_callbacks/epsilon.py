@@ -1,9 +1,10 @@
-"""Epsilon from an Opacus accountant, refused where the computation cannot fit in memory.
+"""A memory check before an Opacus accountant computes epsilon, and the errors it raises.
 
 Opacus's PRV accountant discretizes the privacy loss on a mesh whose number of points grows
 with the number of steps and with the privacy loss of one step. Its composition keeps
-several arrays of that length, about 150 bytes per point in all (measured with opacus 1.6),
-so a small noise multiplier or a very long run needs tens of gigabytes. When the callback
+several arrays of that length, about 150 bytes per point in all (estimated from the peak
+RSS of opacus 1.6 at 3.4 million points), so a small noise multiplier or a very long run
+needs tens of gigabytes. When the callback
 asks for epsilon during training, the kernel can then kill the training process.
 """
 
