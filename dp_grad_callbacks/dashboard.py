@@ -216,8 +216,9 @@ class Dashboard:
 
     Every write happens on rank 0 only, and a failing write is logged and counted in
     ``failures`` instead of raised, so that the dashboard never stops training. After the
-    first failure to compute epsilon, or a refusal by
-    :func:`~dp_grad_callbacks.epsilon.check_epsilon_cost`, no more epsilon is computed.
+    first failure to compute epsilon, a refusal by
+    :func:`~dp_grad_callbacks.epsilon.check_epsilon_cost` or an infinite epsilon, no more
+    epsilon is computed.
 
     Args:
         prefix: The callback's tag prefix.
@@ -248,7 +249,7 @@ class Dashboard:
         self.failures = 0
         self._logged_steps = 0
         self._last_epsilon_step: int | None = None
-        self._epsilon_failed = False
+        self._epsilon_stopped = False
 
     def write_header(self, writer: SummaryWriter | None, optimizer: DPOptimizer, step: int) -> None:
         """Write the Custom Scalars layout and the DP settings text at ``step``."""
@@ -291,7 +292,7 @@ class Dashboard:
     def _write_epsilon(self, writer: SummaryWriter | None, step: int) -> None:
         if self.privacy_engine is None or writer is None or not is_rank_zero():
             return
-        if self._epsilon_failed:
+        if self._epsilon_stopped:
             return
         assert self.delta is not None
         self._last_epsilon_step = step
@@ -299,26 +300,28 @@ class Dashboard:
             check_epsilon_cost(self.privacy_engine.accountant, self.delta)
             epsilon = float(self.privacy_engine.get_epsilon(self.delta))
         except Exception as error:  # noqa: BLE001 - the dashboard must never stop training
-            # The accountant's history only grows, so a later step would fail again, or
-            # cost more.
-            self._epsilon_failed = True
             self.failures += 1
-            logger.warning(
-                "%s is not written from step %d on, because computing epsilon failed: "
-                "%s: %s. Training continues.",
-                EPSILON_TAG,
-                step,
-                type(error).__name__,
-                error,
-            )
+            reason = f"computing epsilon failed: {type(error).__name__}: {str(error).rstrip('.')}"
+            self._stop_epsilon(step, reason)
             return
         if not math.isfinite(epsilon):
-            logger.warning("epsilon at step %d is %s, so it is not written", step, epsilon)
+            self._stop_epsilon(step, f"epsilon is {epsilon}")
             return
         try:
             writer.add_scalar(EPSILON_TAG, epsilon, step)
         except Exception:  # noqa: BLE001 - the dashboard must never stop training
             self._log_failure("privacy/epsilon", step)
+
+    def _stop_epsilon(self, step: int, reason: str) -> None:
+        # The accountant's history only grows, so a later step would fail again, give
+        # epsilon inf again, or cost more.
+        self._epsilon_stopped = True
+        logger.warning(
+            "%s is not written from step %d on, because %s. Training continues.",
+            EPSILON_TAG,
+            step,
+            reason,
+        )
 
     def _log_failure(self, content: str, step: int) -> None:
         self.failures += 1

@@ -2,9 +2,9 @@
 
 Opacus's PRV accountant discretizes the privacy loss on a mesh whose number of points grows
 with the number of steps and with the privacy loss of one step. Its composition keeps
-several arrays of that length, about 150 bytes per point in all (estimated from the peak
-RSS of opacus 1.6 at 3.4 million points), so a small noise multiplier or a very long run
-needs tens of gigabytes. When the callback
+several arrays of that length, about 150 bytes per point in all, an estimate from the peak
+RSS of opacus 1.6 at 3.4 million points. A small noise multiplier or a very long run
+therefore needs tens of gigabytes. When the callback
 asks for epsilon during training, the kernel can then kill the training process.
 """
 
@@ -17,7 +17,9 @@ from opacus.accountants import IAccountant, PRVAccountant
 
 logger = logging.getLogger(__name__)
 
-# About 1.5 GB at 150 bytes per point.
+# About 1.5 GB at 150 bytes per point, for one computation.
+# NOTE: scipy.fft, which the PRV composition calls, keeps a plan per transform length, and
+# each epsilon of a run has a new length. Many calls near the limit can hold several GB more.
 PRV_MESH_LIMIT = 10_000_000
 _PRV_BYTES_PER_POINT = 150
 
@@ -77,10 +79,11 @@ def check_epsilon_cost(accountant: IAccountant, delta: float) -> None:
         return
     noise = sorted({noise for noise, _, _ in accountant.history})
     steps = sum(steps for _, _, steps in accountant.history)
+    multipliers = "multiplier" if len(noise) == 1 else "multipliers"
     raise EpsilonCostError(
         f"the prv accountant would compute epsilon on {points:,} mesh points "
-        f"(about {points * _PRV_BYTES_PER_POINT / 1e9:.0f} GB) for {steps:,} steps at noise "
-        f"multipliers {', '.join(f'{z:g}' for z in noise)}, more than the {PRV_MESH_LIMIT:,} "
-        f"points allowed. Use the rdp accountant, whose cost does not grow with the run, "
+        f"(about {points * _PRV_BYTES_PER_POINT / 1e9:.1f} GB) for {steps:,} steps at noise "
+        f"{multipliers} {', '.join(f'{z:g}' for z in noise)}, more than the "
+        f"{PRV_MESH_LIMIT:,} points allowed. Use the rdp accountant, whose cost does not grow with the run, "
         f"or a larger noise multiplier"
     )

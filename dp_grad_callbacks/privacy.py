@@ -42,7 +42,7 @@ from opacus.optimizers import (
 )
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 
-from .epsilon import check_epsilon_cost
+from .epsilon import AccountantError, check_epsilon_cost
 from .noisy_histogram import (
     GaussianNoise,
     SecureGaussianNoise,
@@ -215,6 +215,7 @@ def preview_epsilon(
             ``log_every > 1``.
         EpsilonCostError: If the prv accountant would need too much memory (a
             ``ValueError``).
+        AccountantError: If the accountant fails to compute epsilon.
 
     Example:
         >>> preview = preview_epsilon(noise_multiplier=1.0, histogram_noise=2.0,
@@ -242,10 +243,20 @@ def preview_epsilon(
     private.history = history
     check_epsilon_cost(plain, delta)
     check_epsilon_cost(private, delta)
-    return EpsilonPreview(
-        without_diagnostics=float(plain.get_epsilon(delta)),
-        with_diagnostics=float(private.get_epsilon(delta)),
-    )
+    try:
+        return EpsilonPreview(
+            without_diagnostics=float(plain.get_epsilon(delta)),
+            with_diagnostics=float(private.get_epsilon(delta)),
+        )
+    except Exception as error:
+        # The prv and gdp accountants solve numerically, and fail for some extreme
+        # parameters with messages that name neither the parameters nor a fix.
+        raise AccountantError(
+            f"the {accountant} accountant failed to compute epsilon for {steps:,} steps at "
+            f"noise multiplier {noise_multiplier:g}, histogram noise {histogram_noise:g} and "
+            f"sample rate {sample_rate:g} ({type(error).__name__}: {error}). Use the rdp "
+            f"accountant or a larger noise multiplier"
+        ) from error
 
 
 class PrivateRelease:

@@ -391,7 +391,8 @@ def _warning_on_data_loss(run: str) -> Iterator[None]:
         logger.setLevel(old_level)
         logger.removeFilter(keep)
 
-    for path, error in lost:
+    # TensorBoard reads a file again when a later file of the run follows it.
+    for path, error in dict.fromkeys(lost):
         if "crc" in error.lower():
             reason = "a record that fails its CRC check (the file is damaged)"
         else:

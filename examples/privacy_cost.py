@@ -19,7 +19,7 @@ from train_digits import load_data
 from train_digits import parse_args as parse_training_args
 
 from dp_grad_callbacks import preview_epsilon
-from dp_grad_callbacks.epsilon import EpsilonCostError
+from dp_grad_callbacks.epsilon import AccountantError, EpsilonCostError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                     log_every=log_every,
                     accountant=args.accountant,
                 )
-            except EpsilonCostError as error:
+            except (EpsilonCostError, AccountantError) as error:
                 sys.exit(f"{Path(__file__).name}: error: {error}")
             print(
                 f"| {histogram_noise:g} | {log_every} | {preview.without_diagnostics:.2f} "

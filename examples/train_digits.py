@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loader = DataLoader(train_set, batch_size=args.batch_size)
-    privacy_engine = PrivacyEngine()
     # Opacus advises secure_mode for production, and torch notes that backward hooks fire
     # for inputs without gradients: both expected in this demonstration.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        privacy_engine = PrivacyEngine()
         model, optimizer, loader = privacy_engine.make_private(
             module=model,
             optimizer=optimizer,

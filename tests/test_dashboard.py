@@ -313,3 +313,29 @@ def test_shared_writer_keeps_both_layouts(tmp_path: Path) -> None:
         "Per-sample gradient norms against C (decoder)",
         "Fraction of samples clipped (decoder)",
     }
+
+
+def test_infinite_epsilon_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    private = make_private()
+    calls = []
+
+    def infinite(delta: float) -> float:
+        calls.append(delta)
+        return float("inf")
+
+    monkeypatch.setattr(private.engine, "get_epsilon", infinite)
+    with GradNormCallback(
+        tmp_path, privacy_engine=private.engine, delta=DELTA, epsilon_every=1
+    ) as callback:
+        callback.attach(private.optimizer)
+        train(private, 3)
+
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert calls == [DELTA]
+    assert logged == [
+        "privacy/epsilon is not written from step 0 on, because epsilon is inf. "
+        "Training continues."
+    ]
+    assert callback.dashboard.failures == 0

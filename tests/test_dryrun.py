@@ -113,7 +113,7 @@ def test_dry_run_rejects_bad_value_before_writing(tmp_path, option, value):
 def test_costly_prv_epsilon_rejected_before_writing(tmp_path):
     privacy = PrivacySettings(noise_multiplier=0.01, sample_rate=1.0, accountant="prv")
 
-    with pytest.raises(EpsilonCostError, match="5 steps at noise multipliers 0.01"):
+    with pytest.raises(EpsilonCostError, match="5 steps at noise multiplier 0.01"):
         dry_run(tmp_path / "run", max_grad_norm=1.0, batch_size=4, steps=5, privacy=privacy)
 
     assert not (tmp_path / "run").exists()

@@ -10,7 +10,12 @@ from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from dp_grad_callbacks import GradNormCallback, epsilon, preview_epsilon
 from dp_grad_callbacks.dashboard import EPSILON_TAG
-from dp_grad_callbacks.epsilon import EpsilonCostError, check_epsilon_cost, prv_mesh_points
+from dp_grad_callbacks.epsilon import (
+    AccountantError,
+    EpsilonCostError,
+    check_epsilon_cost,
+    prv_mesh_points,
+)
 
 from conftest import make_private, read_events
 from training import train
@@ -50,7 +55,7 @@ def test_small_noise_prv_raises_with_fix():
 
     message = str(caught.value)
     assert "mesh points" in message
-    assert "12 steps at noise multipliers 0.01" in message
+    assert "12 steps at noise multiplier 0.01" in message
     assert "Use the rdp accountant" in message
 
 
@@ -94,3 +99,11 @@ def test_preview_epsilon_rejects_costly_prv():
     with pytest.raises(EpsilonCostError, match="mesh points"):
         preview_epsilon(noise_multiplier=0.01, histogram_noise=1.0, sample_rate=0.5, steps=12,
                         delta=DELTA, accountant="prv")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_preview_epsilon_wraps_solver_failure():
+    with pytest.raises(AccountantError, match="the gdp accountant failed to compute epsilon "
+                       "for 345 steps at noise multiplier 0.03, histogram noise 2"):
+        preview_epsilon(noise_multiplier=0.03, histogram_noise=2.0, sample_rate=1 / 23,
+                        steps=345, delta=DELTA, accountant="gdp")

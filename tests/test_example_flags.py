@@ -258,4 +258,4 @@ def test_costly_epsilon_stops_before_training(tmp_path, monkeypatch):
     assert str(raised.value.code).startswith(
         "train_digits.py: error: the prv accountant would compute epsilon on"
     )
-    assert "180 steps at noise multipliers 0.05" in str(raised.value.code)
+    assert "180 steps at noise multiplier 0.05" in str(raised.value.code)

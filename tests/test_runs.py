@@ -266,3 +266,16 @@ def test_steps_with_histograms_skip_non_finite_steps(tmp_path):
 
     assert series.steps_with_samples == [0, 1]
     assert series.steps_with_histograms == [0]
+
+
+def test_damaged_file_warns_once_before_another_file(tmp_path):
+    damaged_run(tmp_path, flip_byte_at_two_thirds)
+    write_run(tmp_path, [real_record(20, [0.5])])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (series,) = load_norm_series(tmp_path)
+
+    damaged = [w for w in caught if issubclass(w.category, DamagedEventFileWarning)]
+    assert len(damaged) == 1
+    assert series.logged_steps[-1] == 20
