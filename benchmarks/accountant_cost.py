@@ -129,7 +129,8 @@ def main() -> None:
     lines += [
         "",
         "Estimated cost at the defaults `log_every=1` and "
-        f"`epsilon_every={DEFAULT_EPSILON_EVERY}`: one epsilon every {DEFAULT_EPSILON_EVERY} training steps takes at most "
+        f"`epsilon_every={DEFAULT_EPSILON_EVERY}`: one epsilon every {DEFAULT_EPSILON_EVERY} "
+        "training steps takes at most "
         f"{largest / DEFAULT_EPSILON_EVERY:.2%} of training time, for {slowest} after "
         f"{slowest_steps:,} steps. A larger `log_every` divides this further.",
         "",

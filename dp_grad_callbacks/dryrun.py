@@ -23,7 +23,7 @@ from .record import GradNormRecord
 from .stats import bucket_limits, clipped_norms
 from .synthetic import DEFAULT_MEDIAN_RATIO, DEFAULT_SIGMA, sample_gradient_norms
 from .dashboard import EPSILON_TAG, custom_scalar_layout, settings_markdown
-from .epsilon import AccountantError, check_epsilon_cost
+from .epsilon import check_epsilon_cost, compute_epsilon
 from .tensorboard import write_record
 
 AccountantName = Literal["rdp", "prv", "gdp"]
@@ -130,18 +130,15 @@ class EpsilonCalculator:
             return float(epsilon)
 
         self._opacus_accountant.history = [(self.noise_multiplier, self.sample_rate, num_steps)]
-        check_epsilon_cost(self._opacus_accountant, delta)
-        try:
-            return float(self._opacus_accountant.get_epsilon(delta))
-        except Exception as error:
-            # The prv and gdp accountants solve numerically, and fail for some extreme
-            # parameters with messages that name neither the parameters nor a fix.
-            raise AccountantError(
-                f"the {self.accountant} accountant failed to compute epsilon after "
-                f"{num_steps:,} step{'' if num_steps == 1 else 's'} at noise multiplier {self.noise_multiplier:g} and sample "
-                f"rate {self.sample_rate:g} ({type(error).__name__}: {error}). Use the rdp "
-                f"accountant or a larger noise multiplier"
-            ) from error
+        steps = f"{num_steps:,} step{'' if num_steps == 1 else 's'}"
+        return compute_epsilon(
+            self._opacus_accountant,
+            delta,
+            run=(
+                f"after {steps} at noise multiplier {self.noise_multiplier:g} and sample rate "
+                f"{self.sample_rate:g}"
+            ),
+        )
 
     def check_cost(self, num_steps: int, delta: float) -> None:
         """Raise :class:`EpsilonCostError` if epsilon after ``num_steps`` steps is too costly."""

@@ -1,11 +1,11 @@
-"""A memory check before an Opacus accountant computes epsilon, and the errors it raises.
+"""Epsilon from an Opacus accountant, after a check that the computation fits in memory.
 
 Opacus's PRV accountant discretizes the privacy loss on a mesh whose number of points grows
 with the number of steps and with the privacy loss of one step. Its composition keeps
 several arrays of that length, about 150 bytes per point in all, an estimate from the peak
 RSS of opacus 1.6 at 3.4 million points. A small noise multiplier or a very long run
-therefore needs tens of gigabytes. When the callback
-asks for epsilon during training, the kernel can then kill the training process.
+therefore needs tens of gigabytes, and the kernel can kill a training process that
+computes such an epsilon.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def prv_mesh_points(accountant: PRVAccountant, delta: float) -> int | None:
     """Return the number of mesh points that ``accountant.get_epsilon(delta)`` would use.
 
     The size comes from the accountant's own domain computation, which costs a few RDP
-    evaluations. Returns None when this Opacus version computes the domain differently.
+    evaluations. Returns None when that computation fails, for example in an Opacus version
+    with other internals or for an extreme noise multiplier.
     """
     try:
         # Imported here because the module path is an Opacus internal that may move.
@@ -61,7 +62,7 @@ def prv_mesh_points(accountant: PRVAccountant, delta: float) -> int | None:
             )
         return int(domain.size)
     except Exception as error:  # noqa: BLE001 - the check is optional, get_epsilon is not
-        logger.debug("cannot size the PRV mesh with this Opacus version: %r", error)
+        logger.debug("failed to size the PRV mesh, so epsilon runs unchecked: %r", error)
         return None
 
 
@@ -84,6 +85,32 @@ def check_epsilon_cost(accountant: IAccountant, delta: float) -> None:
         f"the prv accountant would compute epsilon on {points:,} mesh points "
         f"(about {points * _PRV_BYTES_PER_POINT / 1e9:.1f} GB) for {steps:,} steps at noise "
         f"{multipliers} {', '.join(f'{z:g}' for z in noise)}, more than the "
-        f"{PRV_MESH_LIMIT:,} points allowed. Use the rdp accountant, whose cost does not grow with the run, "
-        f"or a larger noise multiplier"
+        f"{PRV_MESH_LIMIT:,} points allowed. Use the rdp accountant, whose cost does not "
+        f"grow with the run, or a larger noise multiplier"
     )
+
+
+def compute_epsilon(accountant: IAccountant, delta: float, *, run: str) -> float:
+    """Return ``accountant.get_epsilon(delta)`` after :func:`check_epsilon_cost`.
+
+    Args:
+        accountant: An Opacus accountant whose history is the run.
+        delta: Target delta.
+        run: The run's parameters for the error message, such as ``"after 5 steps at
+            noise multiplier 1"``.
+
+    Raises:
+        EpsilonCostError: If the computation would not fit in memory.
+        AccountantError: If the accountant fails, with ``run`` and Opacus's error.
+    """
+    check_epsilon_cost(accountant, delta)
+    try:
+        return float(accountant.get_epsilon(delta))
+    except Exception as error:
+        # The prv and gdp accountants solve numerically, and fail for some extreme
+        # parameters with messages that name neither the parameters nor a fix.
+        raise AccountantError(
+            f"the {accountant.mechanism()} accountant failed to compute epsilon {run} "
+            f"({type(error).__name__}: {error}). Use the rdp accountant or a larger noise "
+            f"multiplier"
+        ) from error

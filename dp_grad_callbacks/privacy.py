@@ -42,7 +42,7 @@ from opacus.optimizers import (
 )
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
 
-from .epsilon import AccountantError, check_epsilon_cost
+from .epsilon import compute_epsilon
 from .noisy_histogram import (
     GaussianNoise,
     SecureGaussianNoise,
@@ -241,22 +241,14 @@ def preview_epsilon(
     plain.history = [(float(noise_multiplier), float(sample_rate), steps)]
     private = create_accountant(mechanism=accountant)
     private.history = history
-    check_epsilon_cost(plain, delta)
-    check_epsilon_cost(private, delta)
-    try:
-        return EpsilonPreview(
-            without_diagnostics=float(plain.get_epsilon(delta)),
-            with_diagnostics=float(private.get_epsilon(delta)),
-        )
-    except Exception as error:
-        # The prv and gdp accountants solve numerically, and fail for some extreme
-        # parameters with messages that name neither the parameters nor a fix.
-        raise AccountantError(
-            f"the {accountant} accountant failed to compute epsilon for {steps:,} steps at "
-            f"noise multiplier {noise_multiplier:g}, histogram noise {histogram_noise:g} and "
-            f"sample rate {sample_rate:g} ({type(error).__name__}: {error}). Use the rdp "
-            f"accountant or a larger noise multiplier"
-        ) from error
+    run = (
+        f"for {steps:,} steps at noise multiplier {noise_multiplier:g}, histogram noise "
+        f"{histogram_noise:g} and sample rate {sample_rate:g}"
+    )
+    return EpsilonPreview(
+        without_diagnostics=compute_epsilon(plain, delta, run=run),
+        with_diagnostics=compute_epsilon(private, delta, run=run),
+    )
 
 
 class PrivateRelease:
