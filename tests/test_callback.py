@@ -388,7 +388,7 @@ def test_numpy_integer_options_log_as_ints(tmp_path):
     assert [event.step for event in events.Scalars("privacy/epsilon")] == [0, 3]
 
 
-def test_numpy_seed_draws_same_norms_as_int(tmp_path):
+def test_numpy_seed_same_norms_as_int(tmp_path):
     records = []
     for run, seed in enumerate([7, np.int64(7)]):
         private = make_private()

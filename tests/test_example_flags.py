@@ -226,7 +226,7 @@ def test_bad_flag_stops_before_training(script, first_work, monkeypatch, capsys)
     assert "argument --epochs: expected a positive integer, got '0'" in err
 
 
-def test_digits_script_exits_2_with_one_line():
+def test_digits_script_bad_flag_one_line():
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_digits.py"), "--physical-batch-size", "0"],
         capture_output=True,

@@ -258,7 +258,7 @@ def test_intact_file_no_warning(tmp_path, caplog):
     assert [r for r in caplog.records if r.name.startswith("tensorboard")] == []
 
 
-def test_steps_with_histograms_skip_non_finite_steps(tmp_path):
+def test_histogram_steps_skip_non_finite(tmp_path):
     write_run(tmp_path, [real_record(0, [0.5]), real_record(1, [np.nan, np.inf]),
                          real_record(2, [])])
 
@@ -268,7 +268,7 @@ def test_steps_with_histograms_skip_non_finite_steps(tmp_path):
     assert series.steps_with_histograms == [0]
 
 
-def test_damaged_file_warns_once_before_another_file(tmp_path):
+def test_damaged_then_intact_file_warns_once(tmp_path):
     damaged_run(tmp_path, flip_byte_at_two_thirds)
     write_run(tmp_path, [real_record(20, [0.5])])
 
